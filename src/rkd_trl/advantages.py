@@ -1,0 +1,103 @@
+"""Rewards, length-normalised returns and importance weights (MiniLLM §2.2, Eq. 4-7).
+
+All functions take `[B, T]` tensors over completion positions with a `mask` (1 on valid tokens) and return zeros
+on masked positions. Everything here is computed once per batch of rollouts and carries no gradient.
+"""
+
+import torch
+
+
+def token_rewards(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float = 1.0,
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Per-token reward `r_t = log p(y_t|y_<t,x) - log q_θ(y_t|y_<t,x)` (the teacher-logit scorer), `/ scaling`,
+    clipped to `±clip` (reference code's `--reward-scaling`, `--cliprange-reward`)."""
+    rewards = (teacher_logprobs - student_logprobs) / scaling
+    if clip is not None:
+        rewards = rewards.clamp(-clip, clip)
+    return rewards * mask
+
+
+def discounted_returns(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    include_current: bool,
+    length_normalized: bool,
+) -> torch.Tensor:
+    """Return `R_t = Σ_{t' ≥ s} γ^(t'-s) r_t'` with `s = t` (`include_current`) or `s = t + 1`.
+
+    With `include_current=False` this is the long-term return `R_{t+1}` of paper Eq. 5 (the single-step term covers
+    `r_t`). With `length_normalized`, `R_t` is divided by the number of rewards it sums, which for `s = t + 1` is the
+    paper's `R^Norm_{t+1} = 1/(T-t-1) Σ_{t'>t} r_t'` (Eq. 7, 0-based `t`); a return over no rewards is 0.
+    """
+    mask = mask.to(rewards.dtype)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        if include_current:
+            running = rewards[:, t] + gamma * running
+            returns[:, t] = running
+        else:
+            returns[:, t] = running
+            running = rewards[:, t] + gamma * running
+    if length_normalized:
+        remaining = mask.flip(1).cumsum(1).flip(1)  # valid tokens at positions ≥ t
+        counts = remaining if include_current else remaining - mask
+        returns = torch.where(counts > 0, returns / counts.clamp(min=1), torch.zeros_like(returns))
+    return returns * mask
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Shift and scale `values` to zero mean, unit variance over the valid positions (reference `whiten`).
+
+    Fewer than two valid positions leave nothing to normalise against: the result is 0 there.
+    """
+    mask = mask.to(values.dtype)
+    count = mask.sum()
+    if count < 2:
+        return torch.zeros_like(values)
+    mean = (values * mask).sum() / count
+    variance = (((values - mean) * mask) ** 2).sum() / (count - 1)
+    return (values - mean) * torch.rsqrt(variance + eps) * mask
+
+
+def importance_weights(
+    student_logprobs: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    max_weight: float | None = None,
+) -> torch.Tensor:
+    """Per-token importance weight `w_t = q_θ(y_t|·) / p̃(y_t|·)` (paper §2.2), optionally capped at `max_weight`.
+
+    The paper uses the per-token weight rather than the product over the sequence, whose variance is too high. With
+    `α = 0` the two distributions coincide and every weight is exactly 1. Masked positions get weight 1.
+    """
+    weights = torch.exp(student_logprobs - sampling_logprobs)
+    if max_weight is not None:
+        weights = weights.clamp(max=max_weight)
+    return torch.where(mask.bool(), weights, torch.ones_like(weights))
+
+
+def advantages_from_rollout(
+    teacher_logprobs: torch.Tensor,
+    student_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float,
+    include_current: bool,
+    length_normalized: bool,
+    whiten_advantages: bool,
+    reward_scaling: float = 1.0,
+    reward_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards → (length-normalised, discounted) returns → optional whitening. Returns `(advantages, rewards)`."""
+    rewards = token_rewards(teacher_logprobs, student_logprobs, mask, reward_scaling, reward_clip)
+    advantages = discounted_returns(rewards, mask, gamma, include_current, length_normalized)
+    if whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, rewards

@@ -1,0 +1,215 @@
+"""Configuration of the reverse-KL (MiniLLM) distillation trainer."""
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import DistillationConfig
+
+
+@dataclass
+class ReverseKLDistillConfig(DistillationConfig):
+    r"""
+    Configuration for [`ReverseKLDistillTrainer`]: MiniLLM-style distillation (Gu et al., ICLR 2024,
+    arXiv 2306.08543). The student `q` minimises the sequence-level reverse KL `KL(q || p)` to the teacher `p` by
+    policy gradient with single-step regularisation, teacher-mixed sampling and length normalisation.
+
+    Every field of [`trl.DistillationConfig`] keeps its meaning. The field names of
+    `trl.experimental.gkd.GKDConfig` are accepted so that a GKD script runs unchanged; their meaning here is given
+    below, and a GKD field that has no meaning for this algorithm warns when set instead of silently changing it.
+
+    Defaults cite where they come from: "paper" is the MiniLLM paper, "reference" is the authors' code
+    (microsoft/LMOps, `minillm/`).
+
+    Args:
+        teacher_mix_alpha (`float`, *optional*, defaults to `0.2`):
+            Share `α` of the teacher in the sampling distribution `p̃ = α·p + (1-α)·q` (paper §2.2, α = 0.2).
+            `0.0` samples from the student alone (plain on-policy sampling, importance weights all 1).
+        gamma (`float`, *optional*, defaults to `0.95`):
+            Discount of future rewards in the long-term return (reference `--gamma 0.95`; the paper writes the
+            undiscounted sum, `γ = 1`).
+        length_normalization (`bool`, *optional*, defaults to `True`):
+            Divide the return at each position by the number of rewards it sums (paper Eq. 7, `R^Norm`).
+        whiten_advantages (`bool`, *optional*, defaults to `True`):
+            Whiten the returns (zero mean, unit variance over the valid tokens of the generation batch) before the
+            policy-gradient loss (reference; not in the paper). A variance reduction that leaves the expected
+            gradient's direction unbiased up to a per-batch scale.
+        single_step_regularization (`bool`, *optional*, defaults to `True`):
+            Add the exact per-position reverse KL `KL(q(·|y<t) || p(·|y<t))` summed over the vocabulary (paper
+            Eq. 5, `(∇L)_Single`). When on, the policy-gradient part uses the future return `R_{t+1}` (paper);
+            when off, it uses the full return `R_t`, so both settings estimate the same gradient.
+        ppo_clip_epsilon (`float`, *optional*, defaults to `0.2`):
+            PPO clip range of the ratio `w_t · q_θ/q_old` (reference `--cliprange 0.2`).
+        ppo_epochs (`int`, *optional*, defaults to `1`):
+            Number of optimisation passes over each batch of rollouts. `1` samples fresh rollouts for every optimizer
+            step (as `trl.DistillationTrainer`); the reference uses 4 passes over 256 rollouts.
+        reward_scaling (`float`, *optional*, defaults to `0.5`):
+            Per-token rewards `log p - log q` are divided by this value (reference `--reward-scaling 0.5`).
+        reward_clip (`float` or `None`, *optional*, defaults to `100.0`):
+            Scaled rewards are clipped to `[-reward_clip, reward_clip]` (reference `--cliprange-reward 100`).
+            `None` disables clipping.
+        importance_weight_max (`float` or `None`, *optional*, defaults to `None`):
+            Upper bound on the per-token importance weight `w_t = q/p̃`. `None` (reference) relies on the PPO clip
+            alone. Note `w_t ≤ 1/(1-α)` always holds, so this only matters below that bound.
+        lm_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a language-modelling (cross-entropy) loss added to the distillation loss. It is computed on the
+            dataset's reference completions, or on `lm_dataset` when one is given to the trainer (the paper's
+            pre-training loss `L_PT`). `0.0` disables it.
+        loss_chunk_size (`int`, *optional*, defaults to `1024`):
+            Number of completion tokens whose vocabulary logits are materialised at once in the loss. Bounds loss
+            memory to `loss_chunk_size × vocab_size` floats; the result does not depend on it.
+        max_new_tokens (`int` or `None`, *optional*, defaults to `None`):
+            GKD name of `max_completion_length`. When set, it overrides `max_completion_length`.
+        max_length (`int` or `None`, *optional*, defaults to `None`):
+            GKD name: the longest prompt + completion. When set, a prompt longer than
+            `max_length - max_completion_length` tokens is rejected when the trainer is built.
+        lmbda (`float` or `None`, *optional*, defaults to `None`):
+            GKD's share of on-policy batches. This trainer always samples on-policy (mixed with the teacher through
+            `teacher_mix_alpha`); any value other than `1.0` warns and is ignored.
+        beta (`float` or `None`, *optional*, defaults to `None`):
+            GKD's generalised-JSD interpolation. This trainer minimises the reverse KL (`beta = 1`); any other value
+            warns and is ignored.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            GKD's sequence-level KD on teacher samples. Not part of this algorithm; `True` warns and is ignored.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature applied to both models' logits everywhere: sampling, rewards, single-step term and ratio
+            (reference: 1.0). `q` and `p` in the equations are the temperature-scaled distributions.
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            Disable dropout in the student (reference and GKD default) so sampling-time and training-time log-probs
+            agree.
+        learning_rate (`float`, *optional*, defaults to `5e-6`):
+            AdamW learning rate (reference `--lr 5e-6`).
+        max_completion_length (`int`, *optional*, defaults to `256`):
+            Longest sampled completion (reference: 512 total, prompts up to 256).
+    """
+
+    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (reference: 5e-6)."})
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Maximum number of tokens sampled per completion (reference: 256)."}
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Disable dropout in the student so sampling-time and training-time log-probs agree."},
+    )
+
+    # MiniLLM
+    teacher_mix_alpha: float = field(
+        default=0.2,
+        metadata={"help": "Teacher share α of the sampling distribution α·p + (1-α)·q (paper: 0.2). 0 = on-policy."},
+    )
+    gamma: float = field(
+        default=0.95, metadata={"help": "Discount of future rewards (reference: 0.95; paper: 1.0)."}
+    )
+    length_normalization: bool = field(
+        default=True, metadata={"help": "Divide each return by the number of rewards it sums (paper Eq. 7)."}
+    )
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Whiten returns over the generation batch (reference)."}
+    )
+    single_step_regularization: bool = field(
+        default=True,
+        metadata={"help": "Add the exact per-position reverse KL over the vocabulary (paper Eq. 5)."},
+    )
+    ppo_clip_epsilon: float = field(
+        default=0.2, metadata={"help": "PPO clip range of the ratio w·q/q_old (reference: 0.2)."}
+    )
+    ppo_epochs: int = field(
+        default=1, metadata={"help": "Optimisation passes over each batch of rollouts (reference: 4)."}
+    )
+    reward_scaling: float = field(
+        default=0.5, metadata={"help": "Rewards log p - log q are divided by this value (reference: 0.5)."}
+    )
+    reward_clip: float | None = field(
+        default=100.0, metadata={"help": "Clip scaled rewards to ±reward_clip (reference: 100). None = no clip."}
+    )
+    importance_weight_max: float | None = field(
+        default=None, metadata={"help": "Upper bound on importance weights q/p̃. None = PPO clip only (reference)."}
+    )
+    lm_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the LM loss on reference completions or on `lm_dataset`. 0 = off."},
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}
+    )
+
+    # GKDConfig names
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "GKD name of `max_completion_length`; overrides it when set."}
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Longest prompt + completion; longer prompts are rejected when the trainer is built."},
+    )
+    lmbda: float | None = field(
+        default=None, metadata={"help": "GKD on-policy share; always on-policy here, values other than 1 warn."}
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "GKD JSD interpolation; reverse KL (1.0) here, other values warn."}
+    )
+    seq_kd: bool = field(default=False, metadata={"help": "GKD sequence-level KD; not used here, True warns."})
+
+    def __post_init__(self):
+        self._resolve_gkd_fields()
+        super().__post_init__()
+        self._validate()
+
+    def _resolve_gkd_fields(self):
+        if self.max_new_tokens is not None:
+            self.max_completion_length = self.max_new_tokens
+        if self.lmbda is not None and self.lmbda != 1.0:
+            warnings.warn(
+                f"`lmbda={self.lmbda}` has no meaning in ReverseKLDistillTrainer: every batch is sampled on-policy "
+                "from the teacher-mixed distribution (see `teacher_mix_alpha`). It is ignored.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.beta is not None and self.beta != 1.0:
+            warnings.warn(
+                f"`beta={self.beta}` has no meaning in ReverseKLDistillTrainer, which minimises the sequence-level "
+                "reverse KL (beta=1). It is ignored; use trl.DistillationTrainer for forward KL or JSD.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.beta = 1.0
+        if self.seq_kd:
+            warnings.warn(
+                "`seq_kd=True` has no meaning in ReverseKLDistillTrainer (MiniLLM samples from the student mixed with "
+                "the teacher, see `teacher_mix_alpha`). It is ignored.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _validate(self):
+        checks = [
+            (0.0 <= self.teacher_mix_alpha <= 1.0, f"teacher_mix_alpha must be in [0, 1], got {self.teacher_mix_alpha}."),
+            (0.0 <= self.gamma <= 1.0, f"gamma must be in [0, 1], got {self.gamma}."),
+            (self.ppo_clip_epsilon > 0, f"ppo_clip_epsilon must be > 0, got {self.ppo_clip_epsilon}."),
+            (self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}."),
+            (self.reward_scaling > 0, f"reward_scaling must be > 0, got {self.reward_scaling}."),
+            (self.reward_clip is None or self.reward_clip > 0, f"reward_clip must be > 0 or None, got {self.reward_clip}."),
+            (
+                self.importance_weight_max is None or self.importance_weight_max > 0,
+                f"importance_weight_max must be > 0 or None, got {self.importance_weight_max}.",
+            ),
+            (self.lm_loss_weight >= 0, f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}."),
+            (self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}."),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}."),
+            (
+                self.max_completion_length is not None and self.max_completion_length >= 1,
+                f"max_new_tokens / max_completion_length must be >= 1, got {self.max_completion_length}.",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.max_length is not None and self.max_length <= self.max_completion_length:
+            raise ValueError(
+                f"max_length ({self.max_length}) must exceed max_completion_length ({self.max_completion_length}): "
+                "it bounds prompt + completion. Raise max_length or lower max_new_tokens."
+            )
+        if self.use_vllm:
+            raise ValueError(
+                "use_vllm=True is not supported: teacher-mixed sampling draws every token from α·p + (1-α)·q, which "
+                "needs the teacher's next-token distribution inside the decode loop, and vLLM samples from the "
+                "student alone. Set use_vllm=False (the built-in sampler keeps KV caches for both models)."
+            )

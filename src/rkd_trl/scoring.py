@@ -1,0 +1,115 @@
+"""Teacher-logit scoring: next-token log-probs of a causal LM over a shared vocabulary.
+
+Both models are run as backbone (→ final hidden state) + output projection, so that the teacher's hidden states
+can be kept from sampling and projected to vocabulary logits one chunk at a time in the loss, instead of storing
+`batch × length × vocab` teacher log-probs.
+"""
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import is_peft_model
+
+
+def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module of a causal LM (PEFT-wrapped or not) that returns `last_hidden_state`, i.e. all but the LM head."""
+    if is_peft_model(model):
+        model = model.base_model.model
+    return model.base_model
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Vocabulary logits from final hidden states, as the model's own forward computes them.
+
+    Args:
+        model: the causal LM whose output embeddings (LM head) and logit post-processing are applied.
+        hidden: `[..., H]` final hidden states (after the backbone's last norm).
+        vocab_size: number of leading vocabulary rows kept; rows past it are padding rows of the embedding matrix.
+
+    Returns:
+        `[..., vocab_size]` float logits.
+    """
+    if is_peft_model(model):
+        model = model.base_model.model
+    logits = model.get_output_embeddings()(hidden)[..., :vocab_size]
+    config = model.config.get_text_config()
+    # The few architectures whose forward post-processes the head's output (Cohere, Granite, Gemma 2/3).
+    logit_scale = getattr(config, "logit_scale", None)
+    if logit_scale is not None:
+        logits = logits * logit_scale
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if logits_scaling is not None:
+        logits = logits / logits_scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer) -> int:
+    """Number of vocabulary rows both models score: the smaller embedding matrix, which must cover the tokenizer.
+
+    Embedding matrices are often padded past the tokenizer's vocabulary (Qwen2.5: 151936 rows in small models,
+    152064 in large ones); those rows are never produced by the tokenizer and are dropped from both distributions.
+    Anything else (a teacher whose vocabulary is not the student's) is an error.
+    """
+    student_rows = student.config.get_text_config().vocab_size
+    teacher_rows = teacher.config.get_text_config().vocab_size
+    tokenizer_size = len(tokenizer)
+    vocab_size = min(student_rows, teacher_rows)
+    if tokenizer_size > vocab_size:
+        raise ValueError(
+            f"The student has {student_rows} vocabulary rows and the teacher {teacher_rows}, but the tokenizer has "
+            f"{tokenizer_size} tokens: the models do not share the tokenizer's vocabulary. Reverse-KL distillation "
+            "compares the two next-token distributions token by token, so both models must use the same tokenizer. "
+            "For teachers with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+        )
+    return vocab_size
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
+    """Raise if two tokenizers do not map the same strings to the same ids."""
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(
+            "The teacher's tokenizer differs from the student's (different token → id maps). Reverse-KL "
+            "distillation needs one shared vocabulary; for teachers with another tokenizer use a cross-tokenizer "
+            "method (e.g. trl's GOLD trainer)."
+        )
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens, so left padding does not shift them (as `generate` does)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class IncrementalScorer:
+    """Runs a causal LM one token at a time over a KV cache and returns next-token log-probs.
+
+    Used for both the student and the teacher while sampling; the teacher's hidden states and log-probs from here are
+    the only teacher forward over the sampled tokens (rewards and the single-step term reuse them).
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float):
+        self.model = model
+        self.backbone = language_model_backbone(model)
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.cache = None
+
+    @torch.no_grad()
+    def __call__(self, input_ids, attention_mask, position_ids):
+        """Feed `input_ids` `[B, L]` (the prompt, then one token a call).
+
+        Returns:
+            `(hidden [B, H], logprobs [B, V])` for the next token after the last fed position.
+        """
+        outputs = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = outputs.past_key_values
+        hidden = outputs.last_hidden_state[:, -1]
+        logits = output_logits(self.model, hidden, self.vocab_size)
+        return hidden, F.log_softmax(logits / self.temperature, dim=-1)

@@ -1,0 +1,140 @@
+"""Tokenizers, tiny models and a synthetic task built locally: nothing is downloaded.
+
+`MultiAnswerTask` gives every prompt several equally valid answers. A teacher trained on it spreads its mass over
+all of them; a student too small to represent them all shows the difference between mode-covering (forward KL: it
+mixes tokens of different answers into invalid strings) and mode-seeking (reverse KL: it commits to valid answers).
+An exact checker says whether an answer is valid.
+"""
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+SEPARATOR = "->"
+# User turns end with the separator; assistant turns are the answer followed by EOS.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ message['content'] }} " + SEPARATOR + "{% else %}"
+    " {{ message['content'] }} </s>{% endif %}"
+    "{% endfor %}"
+)
+
+
+def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (split on white space) with pad/BOS/EOS/UNK tokens and a chat template."""
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + [SEPARATOR] + sorted(set(words)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm(
+    tokenizer,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    padded_vocab_rows: int = 0,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A small Llama built from config (random weights) over the tokenizer's vocabulary.
+
+    `padded_vocab_rows` adds embedding rows past the tokenizer, as real checkpoints often have.
+    """
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + padded_vocab_rows,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@dataclass
+class MultiAnswerTask:
+    """Prompts `q<i>` each with `answers_per_prompt` valid answers of `answer_length` letters."""
+
+    num_prompts: int = 12
+    answers_per_prompt: int = 3
+    answer_length: int = 3
+    num_letters: int = 8
+    seed: int = 0
+    answers: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self):
+        rng = random.Random(self.seed)
+        letters = self.letters
+        self.answers = {}
+        for index in range(self.num_prompts):
+            options = set()
+            while len(options) < self.answers_per_prompt:
+                options.add(" ".join(rng.choice(letters) for _ in range(self.answer_length)))
+            self.answers[f"q{index}"] = sorted(options)
+
+    @property
+    def letters(self) -> list[str]:
+        return [chr(ord("a") + i) for i in range(self.num_letters)]
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.answers)
+
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return build_tokenizer(self.prompts + self.letters)
+
+    def is_valid(self, prompt: str, answer: str) -> bool:
+        return answer.strip() in self.answers[prompt]
+
+    def conversations(self, repeats: int = 1) -> Dataset:
+        """GKD format: `messages` = user prompt + one valid assistant answer, each answer `repeats` times."""
+        rows = [
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            for _ in range(repeats)
+            for prompt, answers in self.answers.items()
+            for answer in answers
+        ]
+        return Dataset.from_dict({"messages": rows})
+
+    def prompt_dataset(self, repeats: int = 1) -> Dataset:
+        """DistillationTrainer format: conversational `prompt` column only."""
+        rows = [[{"role": "user", "content": prompt}] for _ in range(repeats) for prompt in self.prompts]
+        return Dataset.from_dict({"prompt": rows})
+
+
+def train_causal_lm(model, tokenizer, dataset: Dataset, steps: int, lr: float = 3e-3, batch_size: int = 32, seed=0):
+    """Plain supervised training on the full chat-templated `messages` (to make a teacher, or SFT a student)."""
+    texts = [tokenizer.apply_chat_template(row, tokenize=False) for row in dataset["messages"]]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = encoded.input_ids.masked_fill(encoded.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(texts), (batch_size,), generator=generator)
+        loss = model(
+            input_ids=encoded.input_ids[rows], attention_mask=encoded.attention_mask[rows], labels=labels[rows]
+        ).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return loss.item()

@@ -1,0 +1,517 @@
+"""`ReverseKLDistillTrainer`: MiniLLM distillation on top of `trl.DistillationTrainer`.
+
+The trainer orchestrates; the math lives in `sampling`, `advantages` and `losses`. One optimisation round reads like
+the algorithm:
+
+    sample (teacher-mixed, KV-cached)  →  score (teacher log-probs recorded while sampling)
+    →  advantages (rewards, length-normalised returns, importance weights)  →  loss (policy gradient + single step)
+"""
+
+import textwrap
+import warnings
+
+import torch
+from accelerate.utils import gather_object
+from datasets import Dataset, IterableDataset
+from trl import DistillationTrainer
+from trl.data_utils import apply_chat_template, is_conversational
+from trl.models import prepare_deepspeed
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import RepeatSampler, create_model_from_path, pad, shuffle_sequence_dict, split_tensor_dict
+
+from .advantages import advantages_from_rollout, importance_weights
+from .config import ReverseKLDistillConfig
+from .losses import lm_loss_sum, minillm_loss_sums
+from .sampling import sample_teacher_mixed
+from .scoring import language_model_backbone, output_logits, position_ids_from_mask, shared_vocab_size
+
+# Constructor arguments of trl.experimental.gkd.GKDTrainer that have no meaning here.
+_IGNORED_GKD_ARGUMENTS = ("data_collator", "compute_metrics", "preprocess_logits_for_metrics", "formatting_func")
+
+
+def to_prompt_completion(dataset: Dataset | IterableDataset | None, name: str):
+    """Accept the dataset formats of GKDTrainer (`messages` ending with the assistant turn) and of
+    DistillationTrainer (`prompt`, optional `completion`); return the latter."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, dict):
+        return {key: to_prompt_completion(split, f"{name}[{key!r}]") for key, split in dataset.items()}
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty: give at least one prompt.")
+    columns = dataset.column_names or []
+    if "prompt" in columns:
+        return dataset
+    if "messages" not in columns:
+        raise ValueError(
+            f"`{name}` has columns {columns}; expected `prompt` (with optional `completion`), as for "
+            "trl.DistillationTrainer, or `messages` (a conversation ending with the assistant turn), as for GKDTrainer."
+        )
+
+    def split_last_turn(example, index):
+        messages = example["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(
+                f"`{name}` row {index}: the conversation in `messages` must end with an assistant turn (the "
+                "reference completion); its last role is "
+                f"{messages[-1].get('role') if messages else 'missing (empty conversation)'}."
+            )
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+
+    return dataset.map(split_last_turn, with_indices=True, remove_columns=["messages"])
+
+
+class ReverseKLDistillTrainer(DistillationTrainer):
+    """Trainer for MiniLLM-style reverse-KL distillation ([MiniLLM: Knowledge Distillation of Large Language
+    Models](https://huggingface.co/papers/2306.08543)).
+
+    The student `q_θ` is trained to minimise the sequence-level reverse KL `KL(q_θ || p)` to the teacher `p` by policy
+    gradient on its own samples, with the three parts of the paper: teacher-mixed sampling (`teacher_mix_alpha`),
+    single-step regularisation (the exact per-position reverse KL) and length-normalised returns, plus PPO clipping when
+    rollouts are reused (`ppo_epochs`) and an optional LM loss (`lm_loss_weight`).
+
+    It is a drop-in replacement for `trl.experimental.gkd.GKDTrainer`: the constructor accepts the same arguments and
+    datasets (conversational `messages`, or `prompt`/`completion` as `trl.DistillationTrainer`).
+
+    Example:
+
+    ```python
+    >>> from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+
+    >>> args = ReverseKLDistillConfig(output_dir="out", teacher_mix_alpha=0.2, max_new_tokens=64)
+    >>> trainer = ReverseKLDistillTrainer(
+    ...     model=student, teacher_model=teacher, args=args, train_dataset=dataset, processing_class=tokenizer
+    ... )
+    >>> trainer.train()
+    ```
+
+    Args:
+        model: the student: a model id or local path, a `PreTrainedModel` or a `PeftModel`.
+        teacher_model: the teacher: a model id or local path (loaded with `args.teacher_model_init_kwargs`, e.g. a
+            bitsandbytes `quantization_config`) or a `PreTrainedModel`. Must share the student's tokenizer; vocabulary
+            rows past the tokenizer (embedding padding) may differ.
+        args: a `ReverseKLDistillConfig`.
+        train_dataset, eval_dataset: prompts, in GKD's `messages` format or DistillationTrainer's `prompt` format.
+        processing_class: the tokenizer shared by both models.
+        peft_config: wraps the student in a PEFT adapter (e.g. LoRA).
+        quantization_config: quantisation of the student when `model` is a string.
+        lm_dataset: optional dataset with a `text` column for the LM loss (`args.lm_loss_weight > 0`); without it the
+            LM loss uses the training set's reference completions.
+        data_collator, compute_metrics, preprocess_logits_for_metrics, formatting_func: accepted for GKDTrainer
+            compatibility; they have no meaning here and warn when given.
+    """
+
+    _tag_names = ["trl", "distillation", "minillm", "reverse-kl", "rkd-trl"]
+    _name = "Reverse-KL Distillation (MiniLLM)"
+    _paper = {
+        "title": "MiniLLM: Knowledge Distillation of Large Language Models",
+        "id": "2306.08543",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @inproceedings{gu2024minillm,
+                title        = {{MiniLLM: Knowledge Distillation of Large Language Models}},
+                author       = {Yuxian Gu and Li Dong and Furu Wei and Minlie Huang},
+                year         = 2024,
+                booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024, Vienna, Austria, May 7-11, 2024},
+                publisher    = {OpenReview.net},
+                url          = {https://openreview.net/forum?id=5h0qf7IBZZ},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model=None,
+        teacher_model=None,
+        args: ReverseKLDistillConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        preprocess_logits_for_metrics=None,
+        peft_config=None,
+        formatting_func=None,
+        quantization_config=None,
+        lm_dataset: Dataset | None = None,
+    ):
+        if model is None:
+            raise ValueError("`model` (the student) is required: a model id, a local path or a model object.")
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path or "student"
+            args = ReverseKLDistillConfig(f"{name.split('/')[-1]}-ReverseKLDistill")
+        elif not isinstance(args, ReverseKLDistillConfig):
+            raise TypeError(
+                f"`args` must be a ReverseKLDistillConfig, got {type(args).__name__}. It accepts GKDConfig's field "
+                "names: swap the class name and keep the arguments."
+            )
+        given = {
+            "data_collator": data_collator,
+            "compute_metrics": compute_metrics,
+            "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+            "formatting_func": formatting_func,
+        }
+        for argument in _IGNORED_GKD_ARGUMENTS:
+            if given[argument] is not None:
+                warnings.warn(
+                    f"`{argument}` has no meaning in ReverseKLDistillTrainer (prompts are tokenized and completions "
+                    "sampled inside the trainer); it is ignored.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        if teacher_model is None:
+            teacher_model = args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError("`teacher_model` is required: a model id, a local path or a model object.")
+        if args.ppo_epochs > 1 and isinstance(train_dataset, IterableDataset):
+            raise ValueError("ppo_epochs > 1 needs a map-style train_dataset (rollout reuse repeats batches by index).")
+        train_dataset = to_prompt_completion(train_dataset, "train_dataset")
+        eval_dataset = to_prompt_completion(eval_dataset, "eval_dataset")
+        if args.lm_loss_weight > 0 and lm_dataset is None:
+            self._require_completions(train_dataset)
+        if lm_dataset is not None and "text" not in (lm_dataset.column_names or []):
+            raise ValueError(f"`lm_dataset` needs a `text` column; it has {lm_dataset.column_names}.")
+
+        teacher_model = self._load_teacher(teacher_model, args)
+        super().__init__(
+            model=model,
+            teacher_model=None,  # set up below: the parent requires identical vocabulary sizes, we allow padding rows
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if self._is_vlm:
+            raise ValueError("Vision-language models are not supported: give a text-only causal LM student.")
+        self._check_tokenizer(train_dataset)
+        self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model.eval()
+        for parameter in self.teacher_model.parameters():
+            parameter.requires_grad_(False)
+        if args.max_length is not None:
+            self._check_prompt_lengths(train_dataset, args.max_length - self.max_completion_length)
+
+        self.lm_dataset = lm_dataset
+        self._lm_batches = None
+        self._pending_loss_metrics = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    @staticmethod
+    def _load_teacher(teacher_model, args):
+        if not isinstance(teacher_model, str):
+            if args.teacher_model_init_kwargs is not None:
+                raise ValueError(
+                    "You passed `teacher_model_init_kwargs` but the teacher is already instantiated: pass the teacher "
+                    "as a model id or path, or drop the kwargs."
+                )
+            return teacher_model
+        init_kwargs = dict(args.teacher_model_init_kwargs or {})
+        if args.teacher_model_revision is not None:
+            init_kwargs.setdefault("revision", args.teacher_model_revision)
+        if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            init_kwargs["device_map"] = None  # device_map="auto" does not mix with distributed training
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        return create_model_from_path(teacher_model, **init_kwargs)
+
+    @staticmethod
+    def _require_completions(dataset):
+        if dataset is None or "completion" not in (dataset.column_names or []):
+            raise ValueError(
+                "lm_loss_weight > 0 needs text to model: give `lm_dataset=` (a `text` column) to the trainer, or a "
+                "train_dataset with reference completions (`completion` column or `messages` ending with the "
+                "assistant turn)."
+            )
+
+    def _check_tokenizer(self, dataset):
+        if self._tokenizer.eos_token_id is None:
+            raise ValueError(
+                "The tokenizer has no EOS token: completions could never end. Set `tokenizer.eos_token` (and "
+                "`tokenizer.pad_token`, which defaults to it)."
+            )
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return
+        if is_conversational(dataset[0]) and getattr(self._tokenizer, "chat_template", None) is None:
+            raise ValueError(
+                "The dataset is conversational but the tokenizer has no chat template: set "
+                "`tokenizer.chat_template`, or give plain-text prompts in a `prompt` column."
+            )
+
+    def _check_prompt_lengths(self, dataset, limit: int):
+        if dataset is None or isinstance(dataset, IterableDataset):
+            return
+        for start in range(0, len(dataset), 1000):
+            prompt_ids, _, _ = self._tokenize_prompts(dataset[start : start + 1000]["prompt"])
+            for offset, ids in enumerate(prompt_ids):
+                if len(ids) > limit:
+                    raise ValueError(
+                        f"train_dataset row {start + offset}: the prompt has {len(ids)} tokens, more than "
+                        f"max_length - max_completion_length = {limit}. Shorten or drop long prompts, or raise "
+                        "max_length."
+                    )
+
+    def _get_train_sampler(self, dataset=None):
+        # Each generation batch is served `gradient_accumulation_steps × ppo_epochs` times: once per micro-batch of
+        # every pass over the rollouts (see `_prepare_inputs`).
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=1,
+            batch_size=self.args.per_device_train_batch_size
+            * self.accelerator.num_processes
+            * self.args.gradient_accumulation_steps,
+            repeat_count=self.args.gradient_accumulation_steps * self.args.ppo_epochs,
+            shuffle=self.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    # ------------------------------------------------------------------ sample → score → advantages
+
+    def _prepare_inputs(self, generation_batch):
+        if not self.model.training:
+            return self._generate_and_score_completions(generation_batch)
+        accumulation_steps = self.args.gradient_accumulation_steps
+        if self._step % (accumulation_steps * self.args.ppo_epochs) == 0 or self._buffered_inputs is None:
+            rollouts = shuffle_sequence_dict(self._generate_and_score_completions(generation_batch))
+            self._buffered_inputs = split_tensor_dict(rollouts, accumulation_steps)
+        return self._buffered_inputs[self._step % accumulation_steps]
+
+    def _left_padded(self, token_lists):
+        ids = pad([torch.tensor(ids) for ids in token_lists], padding_value=self._tokenizer.pad_token_id,
+                  padding_side="left")  # fmt: skip
+        mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in token_lists], padding_value=0,
+                   padding_side="left")  # fmt: skip
+        device = self.accelerator.device
+        return ids.to(device), mask.to(device)
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        prompt_token_lists, _, _ = self._tokenize_prompts([example["prompt"] for example in inputs])
+        prompt_ids, prompt_mask = self._left_padded(prompt_token_lists)
+
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as student,
+            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+        ):
+            rollout = sample_teacher_mixed(
+                student,
+                teacher,
+                prompt_ids,
+                prompt_mask,
+                vocab_size=self.vocab_size,
+                max_new_tokens=self.max_completion_length,
+                alpha=self.args.teacher_mix_alpha,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                top_p=self.top_p,
+            )
+
+        mask = rollout.completion_mask
+        advantages, _ = advantages_from_rollout(
+            rollout.teacher_logprobs,
+            rollout.student_logprobs,
+            mask,
+            gamma=self.args.gamma,
+            include_current=not self.args.single_step_regularization,
+            length_normalized=self.args.length_normalization,
+            whiten_advantages=self.args.whiten_advantages,
+            reward_scaling=self.args.reward_scaling,
+            reward_clip=self.args.reward_clip,
+        )
+        weights = importance_weights(
+            rollout.student_logprobs, rollout.sampling_logprobs, mask, self.args.importance_weight_max
+        )
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": rollout.completion_ids,
+            "completion_mask": mask,
+            "old_logprobs": rollout.student_logprobs,
+            "advantages": advantages,
+            "importance_weights": weights,
+            "teacher_hidden": rollout.teacher_hidden,
+            "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
+        }
+        if self.args.lm_loss_weight > 0 and mode == "train":
+            batch.update(self._lm_batch(inputs))
+        self._log_rollout(mode, rollout, weights, prompt_ids, prompt_mask)
+        return batch
+
+    def _lm_batch(self, inputs):
+        """Token ids and labels for the LM loss: rows of `lm_dataset`, or the reference completions of `inputs`."""
+        tokenizer = self._tokenizer
+        if self.lm_dataset is not None:
+            if self._lm_batches is None:
+                self._lm_batches = self._cycle_lm_dataset(len(inputs))
+            texts = next(self._lm_batches)
+            max_length = self.args.max_length or tokenizer.model_max_length
+            rows = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+            labels = [list(ids) for ids in rows]
+        else:
+            rows, labels = [], []
+            for example in inputs:
+                if "completion" not in example or example["completion"] is None:
+                    raise ValueError("lm_loss_weight > 0 but a training example has no reference `completion`.")
+                if is_conversational(example):
+                    text = apply_chat_template(
+                        {"prompt": example["prompt"], "completion": example["completion"]}, tokenizer
+                    )
+                    prompt_text, completion_text = text["prompt"], text["completion"]
+                    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+                    completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+                else:
+                    prompt_ids = tokenizer(example["prompt"])["input_ids"]
+                    completion_ids = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+                    completion_ids = completion_ids + [tokenizer.eos_token_id]
+                rows.append(prompt_ids + completion_ids)
+                labels.append([-100] * len(prompt_ids) + completion_ids)
+        device = self.accelerator.device
+        input_ids = pad([torch.tensor(r) for r in rows], padding_value=tokenizer.pad_token_id).to(device)
+        attention_mask = pad([torch.ones(len(r), dtype=torch.long) for r in rows], padding_value=0).to(device)
+        label_ids = pad([torch.tensor(r) for r in labels], padding_value=-100).to(device)
+        num_lm_tokens = (label_ids[:, 1:] != -100).sum()
+        return {
+            "lm_input_ids": input_ids,
+            "lm_attention_mask": attention_mask,
+            "lm_labels": label_ids,
+            "lm_num_items": self.accelerator.gather(num_lm_tokens).sum(),
+        }
+
+    def _cycle_lm_dataset(self, batch_size):
+        epoch = 0
+        while True:
+            order = self.lm_dataset.shuffle(seed=self.args.seed + epoch)
+            shard = order.shard(self.accelerator.num_processes, self.accelerator.process_index)
+            for start in range(0, len(shard) - batch_size + 1, batch_size):
+                yield shard[start : start + batch_size]["text"]
+            epoch += 1
+
+    def _log_rollout(self, mode, rollout, weights, prompt_ids, prompt_mask):
+        gather = self.accelerator.gather
+        mask = rollout.completion_mask.bool()
+        lengths = gather(rollout.completion_mask.sum(1)).float()
+        log_ratio = (rollout.teacher_logprobs - rollout.student_logprobs) * mask
+        rewards = gather(log_ratio.sum()).sum() / lengths.sum().clamp(min=1)
+        reverse_kl = gather(-log_ratio.sum(1)).mean()
+        valid_weights = gather(torch.where(mask, weights, torch.zeros_like(weights)).sum()).sum()
+        max_weight = gather(torch.where(mask, weights, torch.zeros_like(weights)).max()).max()
+        ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
+        truncated = gather((~ended.any(1)).float())
+
+        metrics = self._metrics[mode]
+        metrics["minillm/reward_mean"].append(rewards.item())
+        metrics["minillm/reverse_kl"].append(reverse_kl.item())
+        metrics["minillm/importance_weight_mean"].append((valid_weights / lengths.sum().clamp(min=1)).item())
+        metrics["minillm/importance_weight_max"].append(max_weight.item())
+        metrics["completions/mean_length"].append(lengths.mean().item())
+        metrics["completions/min_length"].append(lengths.min().item())
+        metrics["completions/max_length"].append(lengths.max().item())
+        metrics["completions/clipped_ratio"].append(truncated.mean().item())
+        if mode == "train":
+            tokens = gather(prompt_mask.sum() + rollout.completion_mask.sum()).sum()
+            self.state.num_input_tokens_seen += tokens.item()
+        metrics["num_tokens"] = [self.state.num_input_tokens_seen]
+        if self.log_completions:
+            prompts = self.processing_class.batch_decode(prompt_ids, skip_special_tokens=True)
+            completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            self._logs["prompt"].extend(gather_object(prompts))
+            self._logs["completion"].extend(gather_object(completions))
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Gathered here, outside the wrapped forward, as the parent does for the entropy.
+        mode = "train" if self.model.training else "eval"
+        pending, self._pending_loss_metrics = self._pending_loss_metrics, {}
+        for name, (total, count) in pending.items():
+            count = self.accelerator.gather(count).sum().clamp(min=1)
+            self._metrics[mode][name].append((self.accelerator.gather(total).sum() / count).item())
+        return output
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        completion_mask = inputs["completion_mask"].bool()
+        num_tokens = completion_mask.sum()
+        if num_items_in_batch is None:
+            num_items_in_batch = num_tokens.clamp(min=1)
+        hidden = self._completion_hidden_states(unwrapped_student, inputs)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        teacher_dtype = next(teacher.parameters()).dtype
+
+        sums = minillm_loss_sums(
+            hidden[completion_mask],
+            inputs["teacher_hidden"][completion_mask],
+            lambda h: output_logits(unwrapped_student, h, self.vocab_size),
+            lambda h: output_logits(teacher, h.to(teacher_dtype), self.vocab_size),
+            inputs["completion_ids"][completion_mask],
+            inputs["old_logprobs"][completion_mask],
+            inputs["advantages"][completion_mask],
+            inputs["importance_weights"][completion_mask],
+            temperature=self.temperature,
+            clip_epsilon=self.args.ppo_clip_epsilon,
+            chunk_size=self.args.loss_chunk_size,
+        )
+        loss = sums["policy_gradient"] / num_items_in_batch
+        if self.args.single_step_regularization:
+            loss = loss + sums["single_step"] / num_items_in_batch
+        tokens = num_tokens.detach().float()
+        metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
+            "loss/policy_gradient": (sums["policy_gradient"].detach(), tokens),
+            "loss/single_step": (sums["single_step"].detach(), tokens),
+            "minillm/clip_fraction": (sums["clipped"], tokens),
+        }
+        if self.args.lm_loss_weight > 0 and "lm_input_ids" in inputs:
+            lm_sum, lm_tokens = self._lm_loss_sum(unwrapped_student, inputs)
+            lm_items = inputs["lm_num_items"].clamp(min=1) / self.accelerator.num_processes
+            loss = loss + self.args.lm_loss_weight * lm_sum / lm_items
+            metrics["loss/lm"] = (lm_sum.detach(), lm_tokens.float())
+        self._pending_loss_metrics = metrics
+        return loss, sums["entropy"], num_tokens
+
+    def _completion_hidden_states(self, unwrapped_student, inputs):
+        """Student final hidden states that predict each completion token: `[B, C, H]`.
+
+        Positions come from the attention mask (as in sampling), so left padding changes nothing.
+        """
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        hidden = language_model_backbone(unwrapped_student)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        prompt_length = inputs["prompt_ids"].size(1)
+        return hidden[:, prompt_length - 1 : -1]
+
+    def _lm_loss_sum(self, unwrapped_student, inputs):
+        attention_mask = inputs["lm_attention_mask"]
+        hidden = language_model_backbone(unwrapped_student)(
+            input_ids=inputs["lm_input_ids"],
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state[:, :-1]
+        labels = inputs["lm_labels"][:, 1:]
+        valid = labels != -100
+        total = lm_loss_sum(
+            hidden[valid],
+            lambda h: output_logits(unwrapped_student, h, self.vocab_size),
+            labels[valid],
+            self.args.loss_chunk_size,
+        )
+        return total, valid.sum()
