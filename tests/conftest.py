@@ -1,0 +1,85 @@
+"""Shared tiny models, tokenizer and task. Everything is built locally; nothing is downloaded."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from rkd_trl import ReverseKLDistillConfig  # noqa: E402
+from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def task():
+    return MultiAnswerTask(num_prompts=8, answers_per_prompt=3, answer_length=3, num_letters=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(task):
+    return task.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_state(task, tokenizer):
+    teacher = tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, seed=1)
+    train_causal_lm(teacher, tokenizer, task.conversations(), steps=150, lr=3e-3)
+    return teacher.state_dict()
+
+
+@pytest.fixture
+def teacher(tokenizer, trained_teacher_state):
+    """A teacher trained on the task (fresh copy per test)."""
+    model = tiny_causal_lm(tokenizer, hidden_size=48, num_layers=2, seed=1)
+    model.load_state_dict(trained_teacher_state)
+    return model.eval()
+
+
+@pytest.fixture
+def make_student(tokenizer):
+    def make(seed=2, padded_vocab_rows=0):
+        return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=seed, padded_vocab_rows=padded_vocab_rows)
+
+    return make
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """A CPU-sized config; keyword arguments override."""
+
+    def make(**overrides):
+        settings = dict(
+            output_dir=str(tmp_path / "out"),
+            max_new_tokens=5,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+            max_steps=2,
+            learning_rate=1e-3,
+            logging_steps=1,
+            report_to=[],
+            bf16=False,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            save_strategy="no",
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        settings.update(overrides)
+        return ReverseKLDistillConfig(**settings)
+
+    return make
+
+
+def prompt_batch(tokenizer, prompts, device="cpu"):
+    """Left-padded chat-templated prompt ids and mask."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
+    rows = tokenizer(texts)["input_ids"]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)

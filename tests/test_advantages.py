@@ -1,0 +1,70 @@
+import math
+
+import torch
+
+from rkd_trl.advantages import discounted_returns, importance_weights, token_rewards, whiten
+
+
+def hand_returns(rewards, length, gamma, include_current, normalized):
+    """Plain-Python reference for one row."""
+    out = []
+    for t in range(length):
+        start = t if include_current else t + 1
+        terms = [gamma ** (k - start) * rewards[k] for k in range(start, length)]
+        value = sum(terms)
+        if normalized:
+            value = value / len(terms) if terms else 0.0
+        out.append(value)
+    return out
+
+
+def test_returns_match_hand_computation_for_every_setting():
+    torch.manual_seed(0)
+    rewards = torch.randn(3, 6)
+    lengths = [6, 4, 1]
+    mask = torch.zeros(3, 6)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    rewards = rewards * mask
+    for gamma in (1.0, 0.9):
+        for include_current in (True, False):
+            for normalized in (True, False):
+                got = discounted_returns(rewards, mask, gamma, include_current, normalized)
+                for row, length in enumerate(lengths):
+                    expected = hand_returns(rewards[row].tolist(), length, gamma, include_current, normalized)
+                    assert torch.allclose(got[row, :length], torch.tensor(expected, dtype=torch.float32), atol=1e-6)
+                    assert torch.all(got[row, length:] == 0)
+
+
+def test_paper_length_normalisation_divides_by_remaining_count():
+    # T = 4 tokens, r = [1, 2, 3, 4]; R^Norm_{t+1} = mean of the rewards after t (0-based), 0 at the last token.
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    got = discounted_returns(rewards, torch.ones(1, 4), 1.0, include_current=False, length_normalized=True)
+    assert torch.allclose(got, torch.tensor([[3.0, 3.5, 4.0, 0.0]]))
+
+
+def test_rewards_scaled_clipped_and_masked():
+    teacher = torch.tensor([[-1.0, -50.0, -2.0]])
+    student = torch.tensor([[-2.0, -1.0, -2.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    got = token_rewards(teacher, student, mask, scaling=0.5, clip=10.0)
+    assert torch.allclose(got, torch.tensor([[2.0, -10.0, 0.0]]))
+
+
+def test_whiten_uses_valid_positions_only():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    got = whiten(values, mask)
+    assert torch.allclose(got[0, :3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4)
+    assert got[0, 3] == 0
+    assert torch.all(whiten(values, torch.zeros_like(mask)) == 0)  # all-masked: no NaN
+
+
+def test_importance_weights():
+    student = torch.log(torch.tensor([[0.5, 0.2, 0.3]]))
+    sampling = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    mask = torch.tensor([[1, 1, 0]])
+    got = importance_weights(student, sampling, mask)
+    assert torch.allclose(got, torch.tensor([[2.0, 0.5, 1.0]]))
+    capped = importance_weights(student, sampling, mask, max_weight=1.5)
+    assert math.isclose(capped[0, 0].item(), 1.5)

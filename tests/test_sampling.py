@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+
+from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
+from rkd_trl.scoring import position_ids_from_mask
+
+from conftest import prompt_batch
+
+
+def full_forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab_size):
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    logits = logits[:, prompt_ids.size(1) - 1 : -1, :vocab_size]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def test_mix_logprobs_endpoints_and_middle():
+    q = torch.log(torch.tensor([0.5, 0.3, 0.2]))
+    p = torch.log(torch.tensor([0.1, 0.1, 0.8]))
+    assert torch.equal(mix_logprobs(q, p, 0.0), q)
+    assert torch.equal(mix_logprobs(q, p, 1.0), p)
+    expected = torch.log(0.25 * p.exp() + 0.75 * q.exp())
+    assert torch.allclose(mix_logprobs(q, p, 0.25), expected)
+
+
+def sample(student, teacher, tokenizer, prompts, alpha, max_new_tokens=4, **kwargs):
+    ids, mask = prompt_batch(tokenizer, prompts)
+    rollout = sample_teacher_mixed(
+        student, teacher, ids, mask, vocab_size=len(tokenizer), max_new_tokens=max_new_tokens, alpha=alpha,
+        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **kwargs,
+    )  # fmt: skip
+    return ids, mask, rollout
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_recorded_scores_match_full_forward(tokenizer, teacher, make_student, task, alpha):
+    """KV-cached incremental scores equal a full forward over the sampled sequences, with left padding."""
+    student = make_student().eval()
+    torch.manual_seed(0)
+    prompts = ["q0", "q1 q2 q3", "q4"]  # different lengths: left padding
+    ids, mask, rollout = sample(student, teacher, tokenizer, prompts, alpha, max_new_tokens=5)
+    V = len(tokenizer)
+    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    tokens = rollout.completion_ids[..., None]
+    valid = rollout.completion_mask.bool()
+    assert torch.allclose(q.gather(-1, tokens).squeeze(-1)[valid], rollout.student_logprobs[valid], atol=1e-5)
+    assert torch.allclose(p.gather(-1, tokens).squeeze(-1)[valid], rollout.teacher_logprobs[valid], atol=1e-5)
+    mixed = mix_logprobs(q, p, alpha).gather(-1, tokens).squeeze(-1)
+    assert torch.allclose(mixed[valid], rollout.sampling_logprobs[valid], atol=1e-5)
+    # After the first EOS: pad ids, mask 0, zero scores.
+    for row in range(len(prompts)):
+        ids_row = rollout.completion_ids[row].tolist()
+        if tokenizer.eos_token_id in ids_row:
+            end = ids_row.index(tokenizer.eos_token_id)
+            assert rollout.completion_mask[row, : end + 1].all() and not rollout.completion_mask[row, end + 1 :].any()
+            assert all(t == tokenizer.pad_token_id for t in ids_row[end + 1 :])
+    assert torch.all(rollout.student_logprobs[~valid] == 0)
+
+
+def test_sampler_draws_from_the_mixture(tokenizer, teacher, make_student):
+    """Seeded goodness of fit of the first token: empirical frequencies vs α·p + (1-α)·q."""
+    student = make_student().eval()
+    alpha, n = 0.3, 20000
+    torch.manual_seed(0)
+    ids, mask, rollout = sample(student, teacher, tokenizer, ["q1"] * n, alpha, max_new_tokens=1)
+    V = len(tokenizer)
+    q = torch.softmax(student(input_ids=ids[:1]).logits[0, -1, :V], -1)
+    p = torch.softmax(teacher(input_ids=ids[:1]).logits[0, -1, :V], -1)
+    empirical = torch.bincount(rollout.completion_ids[:, 0], minlength=V).float() / n
+    expected = alpha * p + (1 - alpha) * q
+    # Pearson chi-square over tokens with expected count ≥ 5; critical value for p = 0.001 at df ≤ V.
+    keep = expected * n >= 5
+    chi2 = (((empirical - expected) * n) ** 2 / (expected * n))[keep].sum().item()
+    df = int(keep.sum()) - 1
+    critical = df + 3.09 * math.sqrt(2 * df) + 2  # Wilson–Hilferty-free upper bound, generous for df ≈ 20
+    assert chi2 < critical, (chi2, critical)
+    # and it is not the student's or the teacher's distribution alone
+    assert (empirical - q).abs().sum() > 0.05 and (empirical - p).abs().sum() > 0.05
+
+
+def test_alpha_zero_gives_unit_importance_weights(tokenizer, teacher, make_student):
+    student = make_student().eval()
+    torch.manual_seed(1)
+    _, _, rollout = sample(student, teacher, tokenizer, ["q0", "q5"], 0.0)
+    assert torch.equal(rollout.sampling_logprobs, rollout.student_logprobs)
+
+
+def test_top_k_restricts_the_sampling_distribution(tokenizer, teacher, make_student):
+    student = make_student().eval()
+    torch.manual_seed(0)
+    ids, mask, rollout = sample(student, teacher, tokenizer, ["q1"] * 500, 0.5, max_new_tokens=1, top_k=2)
+    assert len(set(rollout.completion_ids[:, 0].tolist())) <= 2
+    # log p̃ of the sampled tokens is that of the renormalised top-2 mixture: the two probabilities sum to 1
+    distinct = {t: lp for t, lp in zip(rollout.completion_ids[:, 0].tolist(), rollout.sampling_logprobs[:, 0].tolist())}
+    if len(distinct) == 2:
+        assert math.isclose(sum(math.exp(v) for v in distinct.values()), 1.0, rel_tol=1e-5)
+
+
+def test_right_padded_prompts_are_rejected(tokenizer, teacher, make_student):
+    ids = torch.tensor([[5, 6, 0]])
+    mask = torch.tensor([[1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        sample_teacher_mixed(make_student(), teacher, ids, mask, vocab_size=len(tokenizer), max_new_tokens=2,
+                             alpha=0.2, eos_token_ids=[2], pad_token_id=0)
