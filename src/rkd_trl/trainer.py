@@ -358,7 +358,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             if self._lm_batches is None:
                 self._lm_batches = self._cycle_lm_dataset(len(inputs))
             texts = next(self._lm_batches)
-            max_length = self.args.max_length or tokenizer.model_max_length
+            max_length = self.args.max_length or self.model.config.get_text_config().max_position_embeddings
             rows = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
             labels = [list(ids) for ids in rows]
         else:

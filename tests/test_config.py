@@ -1,0 +1,53 @@
+import pytest
+
+from rkd_trl import ReverseKLDistillConfig
+
+
+def make(tmp_path, **kwargs):
+    return ReverseKLDistillConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("teacher_mix_alpha", -0.1, "teacher_mix_alpha must be in"),
+        ("teacher_mix_alpha", 1.5, "teacher_mix_alpha must be in"),
+        ("gamma", 1.01, "gamma must be in"),
+        ("ppo_clip_epsilon", 0.0, "ppo_clip_epsilon must be > 0"),
+        ("ppo_epochs", 0, "ppo_epochs must be >= 1"),
+        ("reward_scaling", 0.0, "reward_scaling must be > 0"),
+        ("reward_clip", -1.0, "reward_clip must be > 0"),
+        ("importance_weight_max", 0.0, "importance_weight_max must be > 0"),
+        ("loss_chunk_size", 0, "loss_chunk_size must be >= 1"),
+        ("max_new_tokens", 0, "max_completion_length must be >= 1"),
+        ("lm_loss_weight", -1.0, "lm_loss_weight must be >= 0"),
+        ("temperature", 0.0, "temperature must be > 0"),
+        ("use_vllm", True, "use_vllm=True is not supported"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_field_named(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, **{field: value})
+
+
+def test_max_length_must_leave_room_for_the_prompt(tmp_path):
+    with pytest.raises(ValueError, match="max_length"):
+        make(tmp_path, max_new_tokens=64, max_length=64)
+
+
+def test_gkd_names(tmp_path):
+    config = make(tmp_path, max_new_tokens=17, lmbda=1.0, beta=1.0, temperature=0.9)
+    assert config.max_completion_length == 17 and config.temperature == 0.9
+    with pytest.warns(UserWarning, match="lmbda"):
+        make(tmp_path, lmbda=0.5)
+    with pytest.warns(UserWarning, match="beta"):
+        config = make(tmp_path, beta=0.5)
+    assert config.beta == 1.0
+    with pytest.warns(UserWarning, match="seq_kd"):
+        make(tmp_path, seq_kd=True)
+
+
+def test_defaults_follow_paper_and_reference(tmp_path):
+    config = make(tmp_path)
+    assert config.teacher_mix_alpha == 0.2 and config.gamma == 0.95 and config.ppo_clip_epsilon == 0.2
+    assert config.length_normalization and config.single_step_regularization and config.disable_dropout
