@@ -25,9 +25,6 @@ from .losses import lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
 from .scoring import language_model_backbone, output_logits, position_ids_from_mask, shared_vocab_size
 
-# Constructor arguments of trl.experimental.gkd.GKDTrainer that have no meaning here.
-_IGNORED_GKD_ARGUMENTS = ("data_collator", "compute_metrics", "preprocess_logits_for_metrics", "formatting_func")
-
 
 def to_prompt_completion(dataset: Dataset | IterableDataset | None, name: str):
     """Accept the dataset formats of GKDTrainer (`messages` ending with the assistant turn) and of
@@ -145,14 +142,14 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 f"`args` must be a ReverseKLDistillConfig, got {type(args).__name__}. It accepts GKDConfig's field "
                 "names: swap the class name and keep the arguments."
             )
-        given = {
+        ignored_gkd_arguments = {
             "data_collator": data_collator,
             "compute_metrics": compute_metrics,
             "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
             "formatting_func": formatting_func,
         }
-        for argument in _IGNORED_GKD_ARGUMENTS:
-            if given[argument] is not None:
+        for argument, value in ignored_gkd_arguments.items():
+            if value is not None:
                 warnings.warn(
                     f"`{argument}` has no meaning in ReverseKLDistillTrainer (prompts are tokenized and completions "
                     "sampled inside the trainer); it is ignored.",
