@@ -1,5 +1,4 @@
 import copy
-import warnings
 
 import pytest
 import torch
@@ -206,3 +205,16 @@ def test_long_prompts_are_rejected(make_config, make_student, teacher, tokenizer
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "q1 " * 20}]]})
     with pytest.raises(ValueError, match="row 0: the prompt has"):
         build(make_config, make_student(), teacher, tokenizer, dataset, max_length=12, max_new_tokens=4)
+
+
+def test_teacher_with_another_tokenizer_is_rejected(tmp_path, make_config, make_student, tokenizer, task):
+    from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
+
+    # Same vocabulary size, different token -> id map.
+    words = [f"w{i}" for i in range(len(tokenizer) - 5)]
+    other = build_tokenizer(words)
+    assert len(other) == len(tokenizer)
+    tiny_causal_lm(other).save_pretrained(tmp_path / "teacher")
+    other.save_pretrained(tmp_path / "teacher")
+    with pytest.raises(ValueError, match="cross-tokenizer"):
+        build(make_config, make_student(), str(tmp_path / "teacher"), tokenizer, task.prompt_dataset())

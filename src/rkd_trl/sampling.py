@@ -96,12 +96,6 @@ def sample_teacher_mixed(
     finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
     columns = {name: [] for name in ("ids", "mask", "student", "teacher", "sampling", "hidden")}
     for step in range(max_new_tokens):
-        if step > 0:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
-            _, student_logprobs = student_scorer(tokens[:, None], attention_mask, next_position)
-            teacher_hidden, teacher_logprobs = teacher_scorer(tokens[:, None], attention_mask, next_position)
-            next_position = next_position + 1
-
         sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
         tokens = torch.multinomial(sampling_logprobs.exp(), num_samples=1).squeeze(1)
         tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
@@ -117,8 +111,13 @@ def sample_teacher_mixed(
         columns["sampling"].append(picked(sampling_logprobs))
         columns["hidden"].append(teacher_hidden * valid[:, None].to(teacher_hidden.dtype))
         finished = finished | torch.isin(tokens, eos)
-        if bool(finished.all()):
+        if bool(finished.all()) or step == max_new_tokens - 1:
             break
+        # Feed the sampled token to both models: one incremental forward each.
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
+        _, student_logprobs = student_scorer(tokens[:, None], attention_mask, next_position)
+        teacher_hidden, teacher_logprobs = teacher_scorer(tokens[:, None], attention_mask, next_position)
+        next_position = next_position + 1
 
     return Rollout(
         completion_ids=torch.stack(columns["ids"], dim=1),

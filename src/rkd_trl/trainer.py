@@ -13,6 +13,7 @@ import warnings
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
+from transformers import AutoTokenizer
 from trl import DistillationTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.models import prepare_deepspeed
@@ -23,7 +24,13 @@ from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .losses import lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
-from .scoring import language_model_backbone, output_logits, position_ids_from_mask, shared_vocab_size
+from .scoring import (
+    check_same_tokenizer,
+    language_model_backbone,
+    output_logits,
+    position_ids_from_mask,
+    shared_vocab_size,
+)
 
 
 def to_prompt_completion(dataset: Dataset | IterableDataset | None, name: str):
@@ -169,6 +176,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if lm_dataset is not None and "text" not in (lm_dataset.column_names or []):
             raise ValueError(f"`lm_dataset` needs a `text` column; it has {lm_dataset.column_names}.")
 
+        teacher_source = teacher_model if isinstance(teacher_model, str) else None
         teacher_model = self._load_teacher(teacher_model, args)
         super().__init__(
             model=model,
@@ -185,6 +193,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if self._is_vlm:
             raise ValueError("Vision-language models are not supported: give a text-only causal LM student.")
         self._check_tokenizer(train_dataset)
+        if teacher_source is not None:
+            self._check_teacher_tokenizer(teacher_source, args)
         self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
@@ -241,6 +251,16 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 "The dataset is conversational but the tokenizer has no chat template: set "
                 "`tokenizer.chat_template`, or give plain-text prompts in a `prompt` column."
             )
+
+    def _check_teacher_tokenizer(self, teacher_source, args):
+        """A teacher loaded from an id or path usually ships its tokenizer: it must be the student's."""
+        try:
+            teacher_tokenizer = AutoTokenizer.from_pretrained(
+                teacher_source, revision=args.teacher_model_revision, trust_remote_code=args.trust_remote_code
+            )
+        except (OSError, ValueError):
+            return  # no tokenizer next to the teacher: the vocabulary-size check below still applies
+        check_same_tokenizer(self._tokenizer, teacher_tokenizer)
 
     def _check_prompt_lengths(self, dataset, limit: int):
         if dataset is None or isinstance(dataset, IterableDataset):
