@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -71,15 +70,3 @@ def make_config(tmp_path):
 
     return make
 
-
-def prompt_batch(tokenizer, prompts, device="cpu"):
-    """Left-padded chat-templated prompt ids and mask."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
-    rows = tokenizer(texts)["input_ids"]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)

@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 
+from rkd_trl.metrics import chat_prompt_batch as prompt_batch
 from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
 from rkd_trl.scoring import position_ids_from_mask
-
-from conftest import prompt_batch
 
 
 def full_forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab_size):

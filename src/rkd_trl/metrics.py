@@ -6,7 +6,8 @@ from .sampling import sample_teacher_mixed
 from .scoring import shared_vocab_size
 
 
-def _prompt_tensors(tokenizer, prompts, device):
+def chat_prompt_batch(tokenizer, prompts, device="cpu"):
+    """Left-padded `(ids, mask)` of user prompts rendered with the tokenizer's chat template."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
     rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
     width = max(len(r) for r in rows)
@@ -22,7 +23,7 @@ def _prompt_tensors(tokenizer, prompts, device):
 def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alpha=0.0):
     """Sample one completion per prompt (chat-templated) from `α·p + (1-α)·q`; returns the `Rollout` and texts."""
     device = next(student.parameters()).device
-    ids, mask = _prompt_tensors(tokenizer, prompts, device)
+    ids, mask = chat_prompt_batch(tokenizer, prompts, device)
     rollout = sample_teacher_mixed(
         student,
         teacher,
