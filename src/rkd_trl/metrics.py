@@ -3,19 +3,13 @@
 import torch
 
 from .sampling import sample_teacher_mixed
-from .scoring import shared_vocab_size
+from .scoring import left_pad, shared_vocab_size
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
     """Left-padded `(ids, mask)` of user prompts rendered with the tokenizer's chat template."""
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
-    rows = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
+    ids, mask = left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id)
     return ids.to(device), mask.to(device)
 
 

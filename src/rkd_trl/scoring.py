@@ -8,6 +8,7 @@ can be kept from sampling and projected to vocabulary logits one chunk at a time
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from trl.trainer.utils import pad
 
 
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -74,6 +75,13 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
             "distillation needs one shared vocabulary; for teachers with another tokenizer use a cross-tokenizer "
             "method (e.g. trl's GOLD trainer)."
         )
+
+
+def left_pad(token_lists: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, mask)` `[B, L]` of token lists padded on the left, as prompts must be for sampling."""
+    ids = pad([torch.tensor(ids) for ids in token_lists], padding_value=pad_token_id, padding_side="left")
+    mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in token_lists], padding_value=0, padding_side="left")
+    return ids, mask
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .sampling import sample_teacher_mixed
 from .scoring import (
     check_same_tokenizer,
     language_model_backbone,
+    left_pad,
     output_logits,
     position_ids_from_mask,
     shared_vocab_size,
@@ -300,18 +301,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self._buffered_inputs = split_tensor_dict(rollouts, accumulation_steps)
         return self._buffered_inputs[self._step % accumulation_steps]
 
-    def _left_padded(self, token_lists):
-        ids = pad([torch.tensor(ids) for ids in token_lists], padding_value=self._tokenizer.pad_token_id,
-                  padding_side="left")  # fmt: skip
-        mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in token_lists], padding_value=0,
-                   padding_side="left")  # fmt: skip
-        device = self.accelerator.device
-        return ids.to(device), mask.to(device)
-
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         prompt_token_lists, _, _ = self._tokenize_prompts([example["prompt"] for example in inputs])
-        prompt_ids, prompt_mask = self._left_padded(prompt_token_lists)
+        prompt_ids, prompt_mask = left_pad(prompt_token_lists, self._tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = prompt_ids.to(self.accelerator.device), prompt_mask.to(self.accelerator.device)
 
         with (
             unwrap_model_for_generation(
@@ -424,8 +418,9 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         log_ratio = (rollout.teacher_logprobs - rollout.student_logprobs) * mask
         rewards = gather(log_ratio.sum()).sum() / lengths.sum().clamp(min=1)
         reverse_kl = gather(-log_ratio.sum(1)).mean()
-        valid_weights = gather(torch.where(mask, weights, torch.zeros_like(weights)).sum()).sum()
-        max_weight = gather(torch.where(mask, weights, torch.zeros_like(weights)).max()).max()
+        masked_weights = weights * mask
+        valid_weights = gather(masked_weights.sum()).sum()
+        max_weight = gather(masked_weights.max()).max()
         ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
         truncated = gather((~ended.any(1)).float())
 
