@@ -22,6 +22,7 @@ def make(tmp_path, **kwargs):
         ("max_new_tokens", 0, "max_completion_length must be >= 1"),
         ("lm_loss_weight", -1.0, "lm_loss_weight must be >= 0"),
         ("temperature", 0.0, "temperature must be > 0"),
+        ("max_consecutive_nonfinite_steps", -1, "max_consecutive_nonfinite_steps must be >= 0"),
         ("use_vllm", True, "use_vllm=True is not supported"),
     ],
 )

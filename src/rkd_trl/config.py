@@ -57,6 +57,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         loss_chunk_size (`int`, *optional*, defaults to `1024`):
             Number of completion tokens whose vocabulary logits are materialised at once in the loss. Bounds loss
             memory to `loss_chunk_size × vocab_size` floats; the result does not depend on it.
+        max_consecutive_nonfinite_steps (`int`, *optional*, defaults to `5`):
+            An optimizer step whose loss or gradients contain NaN/inf is skipped (the weights and optimizer state are
+            left untouched) and counted in the `nonfinite/skipped_steps` metric. After this many skipped steps in a
+            row the run stops with an error. `0` stops at the first one. Under DeepSpeed the update cannot be
+            withheld once backward ran, so a non-finite loss stops the run before its backward.
         max_new_tokens (`int` or `None`, *optional*, defaults to `None`):
             GKD name of `max_completion_length`. When set, it overrides `max_completion_length`.
         max_length (`int` or `None`, *optional*, defaults to `None`):
@@ -132,6 +137,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}
     )
 
+    max_consecutive_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "Steps with NaN/inf loss or gradients are skipped; this many in a row stop the run."},
+    )
+
     # GKDConfig names
     max_new_tokens: int | None = field(
         default=None, metadata={"help": "GKD name of `max_completion_length`; overrides it when set."}
@@ -193,6 +203,10 @@ class ReverseKLDistillConfig(DistillationConfig):
             ),
             (self.lm_loss_weight >= 0, f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}."),
             (self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}."),
+            (
+                self.max_consecutive_nonfinite_steps >= 0,
+                f"max_consecutive_nonfinite_steps must be >= 0, got {self.max_consecutive_nonfinite_steps}.",
+            ),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}."),
             (
                 self.max_completion_length is not None and self.max_completion_length >= 1,

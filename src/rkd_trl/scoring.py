@@ -77,6 +77,16 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
         )
 
 
+def check_finite_parameters(model: torch.nn.Module, name: str) -> None:
+    """Raise if a floating-point parameter of `model` holds NaN or inf (a corrupt or badly converted checkpoint)."""
+    for parameter_name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise ValueError(
+                f"The {name}'s parameter `{parameter_name}` contains NaN or inf values: the checkpoint is corrupt or "
+                "was converted to a dtype it overflows. Reload it in float32/bfloat16 or from another checkpoint."
+            )
+
+
 def left_pad(token_lists: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`(ids, mask)` `[B, L]` of token lists padded on the left, as prompts must be for sampling."""
     ids = pad([torch.tensor(ids) for ids in token_lists], padding_value=pad_token_id, padding_side="left")

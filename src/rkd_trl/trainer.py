@@ -7,6 +7,8 @@ the algorithm:
     →  advantages (rewards, length-normalised returns, importance weights)  →  loss (policy gradient + single step)
 """
 
+import os
+import shutil
 import textwrap
 import warnings
 
@@ -14,6 +16,8 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from transformers import AutoTokenizer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.utils import logging
 from trl import DistillationTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.models import prepare_deepspeed
@@ -25,6 +29,7 @@ from .config import ReverseKLDistillConfig
 from .losses import lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
 from .scoring import (
+    check_finite_parameters,
     check_same_tokenizer,
     language_model_backbone,
     left_pad,
@@ -32,6 +37,15 @@ from .scoring import (
     position_ids_from_mask,
     shared_vocab_size,
 )
+
+logger = logging.get_logger(__name__)
+
+# Written next to `rng_state*.pth` in a checkpoint taken in the middle of a `ppo_epochs` window: the rollouts that the
+# remaining passes of the window reuse.
+ROLLOUT_BUFFER_NAME = "rollout_buffer"
+# Parent folder of a checkpoint while it is being written; it is renamed to `checkpoint-N` once complete. The leading
+# underscore keeps it out of Hub uploads of the output folder.
+STAGING_DIR_NAME = "_incomplete-checkpoint"
 
 
 def to_prompt_completion(dataset: Dataset | IterableDataset | None, name: str):
@@ -204,12 +218,18 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         self.teacher_model.eval()
         for parameter in self.teacher_model.parameters():
             parameter.requires_grad_(False)
-        if args.max_length is not None:
-            self._check_prompt_lengths(train_dataset, args.max_length - self.max_completion_length)
+        for model_name, checked in (("student", self.model), ("teacher", self.teacher_model)):
+            check_finite_parameters(checked, model_name)
+        self._check_prompts(train_dataset, "train_dataset")
+        self._check_prompts(eval_dataset, "eval_dataset")
 
         self.lm_dataset = lm_dataset
         self._lm_batches = None
         self._pending_loss_metrics = {}
+        self._window_nonfinite = None  # NaN/inf seen in a loss of the current optimizer step (a device tensor)
+        self._nonfinite_streak = 0
+        self._skipped_steps = 0
+        self._checkpoint_staging_dir = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -263,17 +283,41 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             return  # no tokenizer next to the teacher: the vocabulary-size check below still applies
         check_same_tokenizer(self._tokenizer, teacher_tokenizer)
 
-    def _check_prompt_lengths(self, dataset, limit: int):
+    def _prompt_length_limit(self) -> tuple[int | None, str]:
+        """Longest prompt allowed: `max_length` (if set) and the models' position range, minus the completion."""
+        limits = []
+        if self.args.max_length is not None:
+            limits.append((self.args.max_length, "max_length"))
+        for name, model in (("student", self.model), ("teacher", self.teacher_model)):
+            positions = getattr(self.accelerator.unwrap_model(model).config.get_text_config(), "max_position_embeddings", None)
+            if positions is not None:
+                limits.append((positions, f"the {name}'s max_position_embeddings"))
+        if not limits:
+            return None, ""
+        total, source = min(limits)
+        return total - self.max_completion_length, f"{source} ({total}) - max_completion_length ({self.max_completion_length})"
+
+    def _check_prompts(self, dataset, name: str):
+        """Every prompt must have at least one token and leave room for `max_completion_length` new ones."""
+        if isinstance(dataset, dict):
+            for key, split in dataset.items():
+                self._check_prompts(split, f"{name}[{key!r}]")
+            return
         if dataset is None or isinstance(dataset, IterableDataset):
             return
+        limit, source = self._prompt_length_limit()
         for start in range(0, len(dataset), 1000):
             prompt_ids, _, _ = self._tokenize_prompts(dataset[start : start + 1000]["prompt"])
             for offset, ids in enumerate(prompt_ids):
-                if len(ids) > limit:
+                if len(ids) == 0:
                     raise ValueError(
-                        f"train_dataset row {start + offset}: the prompt has {len(ids)} tokens, more than "
-                        f"max_length - max_completion_length = {limit}. Shorten or drop long prompts, or raise "
-                        "max_length."
+                        f"{name} row {start + offset}: the prompt is empty (0 tokens); sampling needs at least one "
+                        "prompt token. Drop empty prompts, or give the tokenizer a BOS token."
+                    )
+                if limit is not None and len(ids) > limit:
+                    raise ValueError(
+                        f"{name} row {start + offset}: the prompt has {len(ids)} tokens, more than {source} = "
+                        f"{limit}. Shorten or drop long prompts, or lower max_new_tokens."
                     )
 
     def _get_train_sampler(self, dataset=None):
@@ -447,6 +491,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         output = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.is_deepspeed_enabled and self.model.training:
+            # DeepSpeed applies the update inside backward, so a non-finite loss must stop the run before it.
+            loss = output[0] if return_outputs else output
+            if self.accelerator.gather((~torch.isfinite(loss.detach())).float().reshape(1)).max() > 0:
+                raise FloatingPointError(self._nonfinite_message("The loss is NaN/inf at this step under DeepSpeed"))
         # Gathered here, outside the wrapped forward, as the parent does for the entropy.
         mode = "train" if self.model.training else "eval"
         pending, self._pending_loss_metrics = self._pending_loss_metrics, {}
@@ -527,3 +576,117 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self.args.loss_chunk_size,
         )
         return total, valid.sum()
+
+    # ------------------------------------------------------------------ faults and checkpoints
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        nonfinite = ~torch.isfinite(loss)
+        self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite | nonfinite
+        if self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
+            self._withhold_nonfinite_update(model)
+        return loss
+
+    def _withhold_nonfinite_update(self, model):
+        """After the last backward of an optimizer step: if any process saw a NaN/inf loss or gradient, drop the
+        gradients so that the optimizer step leaves weights and optimizer state untouched (optimizers skip
+        parameters whose `grad` is None); stop the run after `max_consecutive_nonfinite_steps` such steps in a row."""
+        window_nonfinite, self._window_nonfinite = self._window_nonfinite, None
+        nonfinite = torch.zeros(1, device=self.accelerator.device)
+        if window_nonfinite is not None:
+            nonfinite = nonfinite + window_nonfinite.float()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            nonfinite = nonfinite + (~torch.stack([g.isfinite().all() for g in grads]).all()).float()
+        if self.accelerator.gather(nonfinite).max() == 0:
+            self._nonfinite_streak = 0
+        else:
+            model.zero_grad(set_to_none=True)
+            self._skipped_steps += 1
+            self._nonfinite_streak += 1
+            if self._nonfinite_streak > self.args.max_consecutive_nonfinite_steps:
+                raise FloatingPointError(
+                    self._nonfinite_message(f"{self._nonfinite_streak} optimizer step(s) in a row had a NaN/inf loss or gradient")
+                )
+            logger.warning(
+                f"Step {self.state.global_step + 1}: NaN/inf loss or gradient; the update is skipped "
+                f"({self._nonfinite_streak} in a row, limit max_consecutive_nonfinite_steps="
+                f"{self.args.max_consecutive_nonfinite_steps})."
+            )
+        self._metrics["train"]["nonfinite/skipped_steps"] = [self._skipped_steps]
+
+    def _nonfinite_message(self, what: str) -> str:
+        return (
+            f"{what} (max_consecutive_nonfinite_steps={self.args.max_consecutive_nonfinite_steps}); the weights "
+            "were not updated with it. Usual causes: a model run in float16 overflowing (use bfloat16 or float32), "
+            "a learning rate too high (lower `learning_rate`, keep `max_grad_norm`), `reward_clip=None` with a teacher "
+            "that gives zero probability to sampled tokens. Fix the cause and resume from the last checkpoint."
+        )
+
+    def _save_checkpoint(self, model, trial):
+        """Write the checkpoint under a staging folder and rename it to `checkpoint-N` once complete, so that every
+        `checkpoint-N` folder (what `resume_from_checkpoint=True` picks) is complete even if a save is interrupted."""
+        run_dir = self._get_output_dir(trial=trial)
+        staging_dir = os.path.join(run_dir, STAGING_DIR_NAME)
+        if self.args.should_save and os.path.isdir(staging_dir):
+            shutil.rmtree(staging_dir)  # left by an interrupted save
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging_dir = staging_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging_dir = None
+        self.accelerator.wait_for_everyone()
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final_dir = os.path.join(run_dir, name)
+        if self.args.should_save:
+            self._publish_checkpoint(os.path.join(staging_dir, name), final_dir)
+            os.rmdir(staging_dir)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            super()._push_from_checkpoint(final_dir)
+
+    def _publish_checkpoint(self, staged_dir, final_dir):
+        if os.path.isdir(final_dir):  # the same step saved again (e.g. after resuming): replace it
+            shutil.rmtree(final_dir)
+        os.replace(staged_dir, final_dir)
+        if self.state.best_model_checkpoint == staged_dir:
+            self.state.best_model_checkpoint = final_dir
+            self.state.save_to_json(os.path.join(final_dir, "trainer_state.json"))
+
+    def _get_output_dir(self, trial):
+        if self._checkpoint_staging_dir is not None:
+            return self._checkpoint_staging_dir
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        if self._checkpoint_staging_dir is not None:
+            return  # called while the checkpoint is staged; `_save_checkpoint` pushes it once it is in place
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def _rollout_buffer_file(self, checkpoint_dir):
+        suffix = f"_{self.args.process_index}" if self.args.world_size > 1 else ""
+        return os.path.join(checkpoint_dir, f"{ROLLOUT_BUFFER_NAME}{suffix}.pt")
+
+    def _save_rng_state(self, output_dir):
+        # The sampler's state is the RNG state plus, in the middle of a `ppo_epochs` window, the rollouts that the
+        # window's remaining passes reuse: without them a resumed run would sample new ones and diverge.
+        super()._save_rng_state(output_dir)
+        window = self.args.gradient_accumulation_steps * self.args.ppo_epochs
+        if self._buffered_inputs is not None and self._step % window != 0:
+            torch.save({"step": self._step, "rollouts": self._buffered_inputs}, self._rollout_buffer_file(output_dir))
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._rollout_buffer_file(checkpoint)
+        if os.path.isfile(path):
+            state = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffered_inputs = state["step"], state["rollouts"]
