@@ -595,7 +595,9 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         nonfinite = torch.zeros(1, device=self.accelerator.device)
         if window_nonfinite is not None:
             nonfinite = nonfinite + window_nonfinite.float()
+        # FSDP2 keeps gradients as DTensor shards: check the local shard (every process checks its own).
         grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
         if grads:
             nonfinite = nonfinite + (~torch.stack([g.isfinite().all() for g in grads]).all()).float()
         if self.accelerator.gather(nonfinite).max() == 0:
