@@ -149,6 +149,18 @@ def test_eos_first_completions_and_all_masked_batches_stay_finite(make_config, m
     assert all(p.grad is None or torch.equal(p.grad, torch.zeros_like(p.grad)) for p in trainer.model.parameters())
 
 
+def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, make_student, teacher, tokenizer, task):
+    # DeepSpeed steps the optimizer inside backward; the check in `compute_loss` must fire before it. Only the flag is
+    # simulated here: DeepSpeed itself does not run on this CPU machine.
+    trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
+    inputs = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "q1"}]}])
+    trainer.model.train()
+    poison_loss_at(trainer, calls={0})
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(FloatingPointError, match="NaN/inf at this step under DeepSpeed"):
+        trainer.compute_loss(trainer.model, inputs)
+
+
 # ---------------------------------------------------------------- determinism, resume, checkpoints
 
 
@@ -278,6 +290,15 @@ BAD_INPUTS = {
     "student_vocabulary_short_of_tokenizer": (
         lambda kw, cfg: kw | {"model": _shrunk_vocabulary(kw["model"])},
         "do not share the tokenizer's vocabulary",
+    ),
+    "missing_student": (lambda kw, cfg: kw | {"model": None}, "`model` \\(the student\\) is required"),
+    "lm_loss_on_a_missing_completion": (
+        lambda kw, cfg: kw
+        | {
+            "train_dataset": Dataset.from_dict({"prompt": ["q1", "q2"], "completion": ["a b c", ""]}),
+            "args": cfg(lm_loss_weight=0.5),
+        },
+        "row 1 has no reference `completion`",
     ),
     "missing_teacher": (lambda kw, cfg: kw | {"teacher_model": None}, "`teacher_model` is required"),
     "init_kwargs_with_teacher_object": (

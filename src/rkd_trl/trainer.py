@@ -258,6 +258,13 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 "train_dataset with reference completions (`completion` column or `messages` ending with the "
                 "assistant turn)."
             )
+        if isinstance(dataset, Dataset):
+            for index, completion in enumerate(dataset["completion"]):
+                if not completion:
+                    raise ValueError(
+                        f"train_dataset row {index} has no reference `completion`, which lm_loss_weight > 0 trains "
+                        "on: fill it in, drop the row, or give `lm_dataset=`."
+                    )
 
     def _check_tokenizer(self, dataset):
         if self._tokenizer.eos_token_id is None:
