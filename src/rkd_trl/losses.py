@@ -152,7 +152,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def _trainable_parameters(head) -> list[torch.Tensor]:
+    """The head parameters to differentiate: none under `torch.no_grad()` (evaluation), where no backward follows."""
+    if not torch.is_grad_enabled():
+        return []
     return [parameter for parameter in head.parameters() if parameter.requires_grad]
+
+
+TERMS = ("policy_gradient", "single_step", "clipped", "entropy")
 
 
 def minillm_logit_gradients(
@@ -268,9 +274,6 @@ def minillm_loss_sums(
     if not statistics:  # no tokens at all
         statistics = [objective.detach()] * len(TERMS)
     return {"objective": objective, **dict(zip(TERMS, statistics, strict=True))}
-
-
-TERMS = ("policy_gradient", "single_step", "clipped", "entropy")
 
 
 def lm_loss_sum(
