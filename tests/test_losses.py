@@ -44,43 +44,88 @@ def random_case(n=37, v=11, h=8, seed=0):
     with torch.no_grad():
         student_head.weight.copy_(torch.randn(v, h, generator=g))
         teacher_head.weight.copy_(torch.randn(v, h, generator=g))
-    return dict(
-        student_hidden=torch.randn(n, h, generator=g, requires_grad=True),
-        teacher_hidden=torch.randn(n, h, generator=g),
-        student_head=student_head,
-        teacher_head=teacher_head,
-        token_ids=torch.randint(v, (n,), generator=g),
-        old_logprobs=-torch.rand(n, generator=g) * 3,
-        advantages=torch.randn(n, generator=g),
-        weights=torch.rand(n, generator=g) * 1.25,
-    )
+    return {
+        "student_hidden": torch.randn(n, h, generator=g, requires_grad=True),
+        "teacher_hidden": torch.randn(n, h, generator=g),
+        "student_head": student_head,
+        "teacher_head": teacher_head,
+        "token_ids": torch.randint(v, (n,), generator=g),
+        "old_logprobs": -torch.rand(n, generator=g) * 3,
+        "advantages": torch.randn(n, generator=g),
+        "weights": torch.rand(n, generator=g) * 1.25,
+    }
+
+
+def plain_objective(case, temperature, clip_epsilon, single_step_weight):
+    """The plain path: full logits through `minillm_token_losses` (differentiated by autograd)."""
+    plain = minillm_token_losses(
+        case["student_head"](case["student_hidden"]), case["teacher_head"](case["teacher_hidden"]),
+        case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
+        temperature=temperature, clip_epsilon=clip_epsilon,
+    )  # fmt: skip
+    return plain, plain.policy_gradient.sum() + single_step_weight * plain.single_step.sum()
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperature):
+@pytest.mark.parametrize("single_step_weight", [1.0, 0.0])
+def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperature, single_step_weight):
+    """Closed-form chunked gradients equal autograd through the plain path, to 1e-5 (float32)."""
     case = random_case()
-    plain = minillm_token_losses(
-        case["student_head"](case["student_hidden"]), case["teacher_head"](case["teacher_hidden"]),
-        case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
-        temperature=temperature, clip_epsilon=0.2,
-    )  # fmt: skip
-    plain_total = plain.policy_gradient.sum() + plain.single_step.sum()
+    # Advantages large enough that some ratios leave the clip range on either side.
+    case["weights"] = torch.linspace(0.5, 1.5, case["token_ids"].numel())
+    case["old_logprobs"] = (
+        F.log_softmax(case["student_head"](case["student_hidden"]) / temperature, -1)
+        .gather(-1, case["token_ids"][:, None])
+        .squeeze(-1)
+        .detach()
+    )
+    plain, plain_total = plain_objective(case, temperature, 0.2, single_step_weight)
     plain_grads = torch.autograd.grad(plain_total, [case["student_hidden"], case["student_head"].weight])
+    assert plain.clipped.any() and not plain.clipped.all()
 
     sums = minillm_loss_sums(
         case["student_hidden"], case["teacher_hidden"], case["student_head"], case["teacher_head"],
         case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
-        temperature=temperature, clip_epsilon=0.2, chunk_size=chunk_size,
+        temperature=temperature, clip_epsilon=0.2, chunk_size=chunk_size, single_step_weight=single_step_weight,
     )  # fmt: skip
-    chunked_total = sums["policy_gradient"] + sums["single_step"]
-    chunked_grads = torch.autograd.grad(chunked_total, [case["student_hidden"], case["student_head"].weight])
-    assert torch.allclose(chunked_total, plain_total, atol=1e-5)
+    chunked_grads = torch.autograd.grad(sums["objective"], [case["student_hidden"], case["student_head"].weight])
+    assert torch.allclose(sums["objective"], plain_total, atol=1e-5)
+    assert torch.allclose(sums["policy_gradient"], plain.policy_gradient.sum(), atol=1e-5)
+    assert torch.allclose(sums["single_step"], plain.single_step.sum(), atol=1e-5)
     assert math.isclose(sums["clipped"].item(), plain.clipped.float().sum().item())
     assert torch.allclose(sums["entropy"], plain.entropy.sum(), atol=1e-5)
     for a, b in zip(chunked_grads, plain_grads):
         assert torch.allclose(a, b, atol=1e-5)
     assert case["teacher_head"].weight.grad is None
+
+
+def test_chunked_gradient_scales_with_the_upstream_gradient_and_flows_through_head_post_processing():
+    """A head with soft-capping and a bias (post-processing the closed form does not know about): the chunked
+    gradient of `3 × objective` equals autograd's through the plain path."""
+    case = random_case(n=13)
+    linear = torch.nn.Linear(8, 11)
+
+    class SoftCappedHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, hidden):
+            return torch.tanh(self.linear(hidden) / 2.0) * 2.0
+
+    case["student_head"] = SoftCappedHead()
+    _, plain_total = plain_objective(case, 1.0, 0.2, 1.0)
+    parameters = [case["student_hidden"], linear.weight, linear.bias]
+    expected = torch.autograd.grad(3 * plain_total, parameters)
+    sums = minillm_loss_sums(
+        case["student_hidden"], case["teacher_hidden"], case["student_head"], case["teacher_head"],
+        case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
+        temperature=1.0, clip_epsilon=0.2, chunk_size=4,
+    )  # fmt: skip
+    got = torch.autograd.grad(3 * sums["objective"], parameters)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
@@ -90,16 +135,21 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
         case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
         temperature=1.0, clip_epsilon=0.2, chunk_size=4,
     )  # fmt: skip
-    total = sums["policy_gradient"] + sums["single_step"]
+    total = sums["objective"]
     total.backward()
     assert total.item() == 0.0 and not torch.isnan(total)
     assert case["student_hidden"].grad is not None and torch.all(case["student_hidden"].grad == 0)
 
 
 @pytest.mark.parametrize("chunk_size", [2, 100])
-def test_lm_loss_sum_equals_cross_entropy(chunk_size):
+def test_lm_loss_sum_equals_cross_entropy_values_and_gradients(chunk_size):
     case = random_case(n=9)
     labels = case["token_ids"]
+    parameters = [case["student_hidden"], case["student_head"].weight]
     expected = F.cross_entropy(case["student_head"](case["student_hidden"]), labels, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, parameters)
     got = lm_loss_sum(case["student_hidden"], case["student_head"], labels, chunk_size)
+    got_grads = torch.autograd.grad(got, parameters)
     assert torch.allclose(got, expected, atol=1e-5)
+    for a, b in zip(got_grads, expected_grads):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rkd_trl.metrics import chat_prompt_batch as prompt_batch
-from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
-from rkd_trl.scoring import position_ids_from_mask
+from rkd_trl.sampling import mix_logprobs, sample_from_logprobs, sample_teacher_mixed
+from rkd_trl.scoring import language_model_backbone, position_ids_from_mask
 
 
 def full_forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab_size):
@@ -27,9 +27,10 @@ def test_mix_logprobs_endpoints_and_middle():
 
 def sample(student, teacher, tokenizer, prompts, alpha, max_new_tokens=4, **kwargs):
     ids, mask = prompt_batch(tokenizer, prompts)
+    kwargs.setdefault("eos_token_ids", [tokenizer.eos_token_id])
     rollout = sample_teacher_mixed(
         student, teacher, ids, mask, vocab_size=len(tokenizer), max_new_tokens=max_new_tokens, alpha=alpha,
-        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, **kwargs,
+        pad_token_id=tokenizer.pad_token_id, **kwargs,
     )  # fmt: skip
     return ids, mask, rollout
 
@@ -60,12 +61,81 @@ def test_recorded_scores_match_full_forward(tokenizer, teacher, make_student, ta
     assert torch.all(rollout.student_logprobs[~valid] == 0)
 
 
+class FedPositions:
+    """Counts the token positions fed to a module (forward pre-hook)."""
+
+    def __init__(self, module):
+        self.count = 0
+        module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.count += kwargs["input_ids"].numel()
+
+
+def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(tokenizer, teacher, make_student, task):
+    """With half the vocabulary as EOS, rows end at different steps: they are dropped from both KV caches, the
+    remaining rows' scores still equal a full forward, and each model is fed every prompt position and every sampled
+    position but the last of each row exactly once."""
+    student = make_student().eval()
+    V = len(tokenizer)
+    eos_token_ids = [tokenizer.convert_tokens_to_ids(letter) for letter in task.letters[:3]] + [tokenizer.eos_token_id]
+    fed = {
+        name: FedPositions(language_model_backbone(model))
+        for name, model in (("student", student), ("teacher", teacher))
+    }
+    torch.manual_seed(3)
+    prompts = ["q0", "q1 q2 q3", "q4", "q5", "q6 q7", "q2"]
+    ids, mask, rollout = sample(
+        student, teacher, tokenizer, prompts, 0.5, max_new_tokens=8, eos_token_ids=eos_token_ids
+    )
+    lengths = rollout.completion_mask.sum(1)
+    assert lengths.unique().numel() > 2, lengths  # rows ended at several different steps
+    expected_fed = ids.numel() + int((lengths - 1).sum())
+    assert fed["student"].count == expected_fed and fed["teacher"].count == expected_fed
+
+    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    tokens = rollout.completion_ids[..., None]
+    valid = rollout.completion_mask.bool()
+    assert torch.allclose(q.gather(-1, tokens).squeeze(-1)[valid], rollout.student_logprobs[valid], atol=1e-5)
+    assert torch.allclose(p.gather(-1, tokens).squeeze(-1)[valid], rollout.teacher_logprobs[valid], atol=1e-5)
+    mixed = mix_logprobs(q, p, 0.5).gather(-1, tokens).squeeze(-1)
+    assert torch.allclose(mixed[valid], rollout.sampling_logprobs[valid], atol=1e-5)
+    # The recorded teacher hidden states are those of a full forward at the valid positions, zero after the end.
+    full = torch.cat([ids, rollout.completion_ids], 1)
+    full_mask = torch.cat([mask, rollout.completion_mask], 1)
+    hidden = language_model_backbone(teacher)(
+        input_ids=full, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)
+    ).last_hidden_state[:, ids.size(1) - 1 : -1]
+    assert torch.allclose(hidden[valid], rollout.teacher_hidden[valid], atol=1e-5)
+    assert torch.all(rollout.teacher_hidden[~valid] == 0)
+    for row, length in enumerate(lengths.tolist()):
+        ended_by_eos = int(rollout.completion_ids[row, length - 1]) in eos_token_ids
+        assert ended_by_eos or length == 8
+        assert not any(t in eos_token_ids for t in rollout.completion_ids[row, : length - 1].tolist())
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    """Seeded chi-square of `sample_from_logprobs` against a peaked 1000-token distribution."""
+    torch.manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(1000) * 3, -1)
+    n = 40000
+    draws = sample_from_logprobs(logprobs.expand(n, -1))
+    expected = logprobs.exp() * n
+    observed = torch.bincount(draws, minlength=1000).float()
+    keep = expected >= 5
+    chi2 = ((observed - expected) ** 2 / expected)[keep].sum().item()
+    df = int(keep.sum()) - 1
+    assert chi2 < df + 3.09 * math.sqrt(2 * df) + 2, (chi2, df)
+    assert observed[~keep].sum() < 5 * (~keep).sum() + 20  # the far tail stays rare
+
+
 def test_sampler_draws_from_the_mixture(tokenizer, teacher, make_student):
     """Seeded goodness of fit of the first token: empirical frequencies vs α·p + (1-α)·q."""
     student = make_student().eval()
     alpha, n = 0.3, 20000
     torch.manual_seed(0)
-    ids, mask, rollout = sample(student, teacher, tokenizer, ["q1"] * n, alpha, max_new_tokens=1)
+    ids, _, rollout = sample(student, teacher, tokenizer, ["q1"] * n, alpha, max_new_tokens=1)
     V = len(tokenizer)
     q = torch.softmax(student(input_ids=ids[:1]).logits[0, -1, :V], -1)
     p = torch.softmax(teacher(input_ids=ids[:1]).logits[0, -1, :V], -1)
@@ -91,10 +161,12 @@ def test_alpha_zero_gives_unit_importance_weights(tokenizer, teacher, make_stude
 def test_top_k_restricts_the_sampling_distribution(tokenizer, teacher, make_student):
     student = make_student().eval()
     torch.manual_seed(0)
-    ids, mask, rollout = sample(student, teacher, tokenizer, ["q1"] * 500, 0.5, max_new_tokens=1, top_k=2)
+    _, _, rollout = sample(student, teacher, tokenizer, ["q1"] * 500, 0.5, max_new_tokens=1, top_k=2)
     assert len(set(rollout.completion_ids[:, 0].tolist())) <= 2
     # log p̃ of the sampled tokens is that of the renormalised top-2 mixture: the two probabilities sum to 1
-    distinct = {t: lp for t, lp in zip(rollout.completion_ids[:, 0].tolist(), rollout.sampling_logprobs[:, 0].tolist())}
+    distinct = {
+        t: lp for t, lp in zip(rollout.completion_ids[:, 0].tolist(), rollout.sampling_logprobs[:, 0].tolist())
+    }
     if len(distinct) == 2:
         assert math.isclose(sum(math.exp(v) for v in distinct.values()), 1.0, rel_tol=1e-5)
 
@@ -103,5 +175,14 @@ def test_right_padded_prompts_are_rejected(tokenizer, teacher, make_student):
     ids = torch.tensor([[5, 6, 0]])
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match="left-padded"):
-        sample_teacher_mixed(make_student(), teacher, ids, mask, vocab_size=len(tokenizer), max_new_tokens=2,
-                             alpha=0.2, eos_token_ids=[2], pad_token_id=0)
+        sample_teacher_mixed(
+            make_student(),
+            teacher,
+            ids,
+            mask,
+            vocab_size=len(tokenizer),
+            max_new_tokens=2,
+            alpha=0.2,
+            eos_token_ids=[2],
+            pad_token_id=0,
+        )

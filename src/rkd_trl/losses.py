@@ -1,8 +1,10 @@
 """MiniLLM loss terms, each a function of tensors (paper Eq. 5-7 and the reference code's PPO objective).
 
-The per-token functions work on `[N, V]` logits of the `N` valid completion tokens. `minillm_loss_sums` is their
-memory-bounded twin: it takes final hidden states, projects `chunk_size` tokens at a time to the vocabulary under
-activation checkpointing, so at most `chunk_size × V` logits are alive at once, forward or backward.
+The per-token functions work on `[N, V]` logits of the `N` valid completion tokens (the plain path, differentiated by
+autograd). `minillm_loss_sums` and `lm_loss_sum` are their memory-bounded twins: they take final hidden states and
+project `chunk_size` tokens at a time to the vocabulary, with the gradient with respect to the logits in closed form
+(`minillm_logit_gradients`), so at most a few `chunk_size × V` arrays are alive at once and no projection is
+recomputed in the backward.
 """
 
 from collections.abc import Callable
@@ -10,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def per_position_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -97,6 +98,135 @@ def minillm_token_losses(
     return TokenTerms(policy_gradient, single_step, clipped, entropy)
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """`Σ_chunks objective(head(hidden[chunk]))` whose gradient is computed in the forward, one chunk at a time.
+
+    For each chunk of `chunk_size` rows the head's logits are computed once, `chunk_objective` returns the objective
+    *and its gradient with respect to those logits* (closed form), and one vector-Jacobian product through the head
+    gives the chunk's gradient with respect to the hidden states and the head's parameters. Only `[N, H]` hidden-state
+    gradients and parameter-sized gradients are kept for the backward, which just scales them; no logits are
+    recomputed (activation checkpointing would project every chunk a second time in the backward, and a teacher
+    head with it). Logits exist for one chunk at a time: peak memory is a few `chunk_size × V` floats.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head, chunk_objective, chunk_size, per_token, *parameters):
+        grad_hidden = torch.zeros_like(hidden)
+        grad_parameters = [torch.zeros_like(parameter) for parameter in parameters]
+        objective = hidden.new_zeros((), dtype=torch.float32)
+        statistics = None
+        for start in range(0, hidden.size(0), chunk_size):
+            piece = slice(start, start + chunk_size)
+            hidden_chunk = hidden[piece].detach().requires_grad_(hidden.requires_grad)
+            with torch.enable_grad():
+                logits = head(hidden_chunk)
+            chunk_value, grad_logits, chunk_statistics = chunk_objective(
+                logits.detach(), piece, *(values[piece] for values in per_token)
+            )
+            objective = objective + chunk_value
+            statistics = (
+                chunk_statistics if statistics is None else [a + b for a, b in zip(statistics, chunk_statistics)]
+            )
+            inputs = ([hidden_chunk] if hidden.requires_grad else []) + list(parameters)
+            if inputs:
+                grads = torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True)
+                if hidden.requires_grad:
+                    grad_hidden[piece] = grads[0]
+                    grads = grads[1:]
+                for total, grad in zip(grad_parameters, grads):
+                    if grad is not None:
+                        total += grad
+            del logits, grad_logits
+        ctx.save_for_backward(grad_hidden, *grad_parameters)
+        ctx.mark_non_differentiable(*(statistics or []))
+        return (objective, *(statistics or []))
+
+    @staticmethod
+    def backward(ctx, grad_objective, *_):
+        grad_hidden, *grad_parameters = ctx.saved_tensors
+        return (
+            grad_hidden * grad_objective,
+            None, None, None, None,
+            *(grad * grad_objective for grad in grad_parameters),
+        )  # fmt: skip
+
+
+def _trainable_parameters(head) -> list[torch.Tensor]:
+    """The head parameters to differentiate: none under `torch.no_grad()` (evaluation), where no backward follows."""
+    if not torch.is_grad_enabled():
+        return []
+    return [parameter for parameter in head.parameters() if parameter.requires_grad]
+
+
+TERMS = ("policy_gradient", "single_step", "clipped", "entropy")
+
+
+def minillm_logit_gradients(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    temperature: float,
+    clip_epsilon: float,
+    single_step_weight: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Sums of the MiniLLM terms over `N` tokens and the gradient of `Σ policy_gradient + c · Σ single_step`
+    (`c = single_step_weight`) with respect to the student logits, in closed form (no autograd).
+
+    With `s = z/τ`, `q = softmax(s)`, `a = log q - log p`, `KL = Σ_v q_v a_v`:
+
+    - single step: `∂KL/∂s = q ⊙ (a - KL)`;
+    - policy gradient: `∂ℓ/∂ log q(y) = -A·ρ` where the unclipped branch is active (in the clip range the two branches
+      are equal and together carry this full gradient, as autograd gives it), else 0; `∂ log q(y)/∂s = onehot(y) - q`.
+
+    Args:
+        student_logits, teacher_logits: `[N, V]` float logits, no gradient (`teacher_logits` is overwritten to save
+            memory; `student_logits` is left alone, it may be saved by the head's autograd graph).
+        token_ids, old_logprobs, advantages, weights: `[N]`.
+
+    Returns:
+        `({"policy_gradient", "single_step", "clipped", "entropy"} sums, [N, V] gradient w.r.t. student logits)`.
+    """
+    # Each pass over `[N, V]` counts on CPU, exponentials most: one `exp` per model, the rest in place.
+    scaled = student_logits / temperature if temperature != 1.0 else student_logits
+    student_logprobs = scaled - scaled.amax(-1, keepdim=True)
+    student_probs = student_logprobs.exp()
+    normalizer = student_probs.sum(-1, keepdim=True)
+    student_probs /= normalizer
+    student_logprobs -= normalizer.log()
+    teacher_logprobs = teacher_logits.div_(temperature) if temperature != 1.0 else teacher_logits
+    teacher_logprobs -= teacher_logprobs.logsumexp(-1, keepdim=True)
+
+    token_logprobs = student_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
+    policy_gradient, clipped = clipped_policy_gradient_loss(
+        token_logprobs, old_logprobs, advantages, weights, clip_epsilon
+    )
+    entropy = -torch.einsum("nv,nv->n", student_probs, student_logprobs)
+    reverse_kl = -entropy - torch.einsum("nv,nv->n", student_probs, teacher_logprobs)
+    ratio = weights * torch.exp(token_logprobs - old_logprobs)
+    grad_token_logprob = torch.where(clipped, 0.0, -advantages * ratio)
+
+    # ∂/∂s = q ⊙ (c·(a - KL) - g) + g·onehot(y), with g = ∂ℓ/∂log q(y); built in the teacher's buffer.
+    grad = teacher_logprobs.neg_().add_(student_logprobs)
+    del student_logprobs
+    if single_step_weight != 1.0:
+        grad.mul_(single_step_weight)
+    grad.sub_((single_step_weight * reverse_kl + grad_token_logprob)[:, None]).mul_(student_probs)
+    grad.scatter_add_(-1, token_ids[:, None], grad_token_logprob[:, None])
+    if temperature != 1.0:
+        grad.div_(temperature)
+    sums = {
+        "policy_gradient": policy_gradient.sum(),
+        "single_step": reverse_kl.sum(),
+        "clipped": clipped.float().sum(),
+        "entropy": entropy.sum(),
+    }
+    return sums, grad
+
+
 def minillm_loss_sums(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -110,52 +240,40 @@ def minillm_loss_sums(
     temperature: float,
     clip_epsilon: float,
     chunk_size: int,
+    single_step_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Sums over the `N` valid tokens of the MiniLLM terms, `chunk_size` tokens at a time (memory-bounded twin of
-    `minillm_token_losses`).
+    `minillm_token_losses`, with the gradient of `minillm_logit_gradients` instead of autograd over the vocabulary).
 
     Args:
         student_hidden: `[N, H]` student final hidden states, with gradient.
         teacher_hidden: `[N, H']` teacher final hidden states recorded while sampling.
-        student_head, teacher_head: map hidden states to `[n, V]` logits (see `scoring.output_logits`).
+        student_head, teacher_head: map hidden states to `[n, V]` float logits and expose `parameters()` (an
+            `nn.Module`, or `scoring.OutputHead`); the student head's trainable parameters receive gradients.
+        single_step_weight: weight `c` of the single-step sum in `objective`.
 
     Returns:
-        `{"policy_gradient", "single_step"}` scalar sums with gradient and `{"clipped", "entropy"}` detached sums.
+        `objective = Σ policy_gradient + c · Σ single_step` with gradient, and the detached sums
+        `{"policy_gradient", "single_step", "clipped", "entropy"}`.
     """
 
-    def chunk_sums(student_chunk, teacher_chunk, tokens, old, adv, w):
+    def chunk_objective(student_logits, piece, tokens, old, adv, w):
         with torch.no_grad():
-            teacher_logits = teacher_head(teacher_chunk)
-        terms = minillm_token_losses(
-            student_head(student_chunk), teacher_logits, tokens, old, adv, w,
-            temperature=temperature, clip_epsilon=clip_epsilon,
+            teacher_logits = teacher_head(teacher_hidden[piece])
+        sums, grad = minillm_logit_gradients(
+            student_logits, teacher_logits, tokens, old, adv, w,
+            temperature=temperature, clip_epsilon=clip_epsilon, single_step_weight=single_step_weight,
         )  # fmt: skip
-        return (
-            terms.policy_gradient.sum(),
-            terms.single_step.sum(),
-            terms.clipped.float().sum(),
-            terms.entropy.sum(),
-        )
+        objective = sums["policy_gradient"] + single_step_weight * sums["single_step"]
+        return objective, grad, [sums[name] for name in TERMS]
 
-    # Anchored to the graph so an all-masked batch still back-propagates (zero) gradients.
-    zero = student_hidden.sum() * 0.0
-    sums = [zero, zero, zero.detach(), zero.detach()]
-    for start in range(0, student_hidden.size(0), chunk_size):
-        piece = slice(start, start + chunk_size)
-        chunk = checkpoint(
-            chunk_sums,
-            student_hidden[piece], teacher_hidden[piece], token_ids[piece],
-            old_logprobs[piece], advantages[piece], weights[piece],
-            use_reentrant=False,
-        )  # fmt: skip
-        sums = [total + part for total, part in zip(sums, chunk, strict=True)]
-    policy_gradient, single_step, clipped, entropy = sums
-    return {
-        "policy_gradient": policy_gradient,
-        "single_step": single_step,
-        "clipped": clipped.detach(),
-        "entropy": entropy.detach(),
-    }
+    per_token = (token_ids, old_logprobs, advantages, weights)
+    objective, *statistics = _ChunkedHeadLoss.apply(
+        student_hidden, student_head, chunk_objective, chunk_size, per_token, *_trainable_parameters(student_head)
+    )
+    if not statistics:  # no tokens at all
+        statistics = [objective.detach()] * len(TERMS)
+    return {"objective": objective, **dict(zip(TERMS, statistics, strict=True))}
 
 
 def lm_loss_sum(
@@ -165,13 +283,19 @@ def lm_loss_sum(
     chunk_size: int,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of `labels` `[N]` from hidden states `[N, H]` (the paper's `L_PT`),
-    `chunk_size` tokens at a time under checkpointing."""
+    `chunk_size` tokens at a time; gradient in closed form (`softmax - onehot`), as in `minillm_loss_sums`."""
 
-    def chunk_sum(hidden_chunk, label_chunk):
-        return F.cross_entropy(head(hidden_chunk).float(), label_chunk, reduction="sum")
+    def chunk_objective(logits, piece, label_chunk):
+        shifted = logits - logits.amax(-1, keepdim=True)
+        probs = shifted.exp()
+        normalizer = probs.sum(-1, keepdim=True)
+        total = (normalizer.log() - shifted.gather(-1, label_chunk[:, None])).sum()
+        del shifted
+        grad = probs.div_(normalizer)  # ∂/∂logits of -log softmax(logits)[y] = softmax - onehot(y)
+        grad.scatter_add_(-1, label_chunk[:, None], grad.new_full((label_chunk.size(0), 1), -1.0))
+        return total, grad, []
 
-    total = hidden.sum() * 0.0
-    for start in range(0, hidden.size(0), chunk_size):
-        piece = slice(start, start + chunk_size)
-        total = total + checkpoint(chunk_sum, hidden[piece], labels[piece], use_reentrant=False)
+    (total,) = _ChunkedHeadLoss.apply(
+        hidden, head, chunk_objective, chunk_size, (labels,), *_trainable_parameters(head)
+    )
     return total

@@ -4,7 +4,8 @@ Sampling from the mixture keeps the student from drifting to strings the teacher
 early in training; the per-token importance weight `q_θ/p̃` corrects the gradient (see `advantages.py`).
 The decode loop keeps a KV cache for both models, so each sampled token costs one incremental forward of each
 model, and it records everything the loss needs: the teacher's log-prob and final hidden state at every position
-are the rewards' and the single-step term's teacher scores (no second teacher pass over the same tokens).
+are the rewards' and the single-step term's teacher scores (no second teacher pass over the same tokens). Rows that
+have ended are dropped from the batch, so they cost nothing while the others finish.
 """
 
 import math
@@ -53,6 +54,39 @@ def _filter_logprobs(logprobs: torch.Tensor, top_k: int, top_p: float) -> torch.
     return torch.log_softmax(logprobs, dim=-1)
 
 
+def sample_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """One token per row of `[B, V]` log-probs, by inverting the cumulative distribution at a uniform draw.
+
+    Exact like `torch.multinomial`, and several times faster on CPU for large vocabularies (one random number per
+    row instead of one per vocabulary entry). The cumulative sum is taken in float64 so that rounding does not bias
+    the tail of a 100k-token vocabulary.
+    """
+    cdf = logprobs.double().exp_().cumsum_(dim=-1)
+    draw = torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
+
+
+def draw_from_mixture(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from `p̃ = α·p + (1-α)·q` (`[B, V]` log-probs in); return `(tokens, log p̃(tokens))`.
+
+    Without top-k / top-p the mixture is never formed over the vocabulary: each row first picks the teacher with
+    probability α (else the student), then a token from that model, which is a draw from `p̃` exactly; `log p̃` is
+    then needed at the drawn token only. Top-k / top-p act on the mixture itself, so they build it in full.
+    """
+    if (top_k and top_k > 0) or top_p < 1.0:
+        sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
+        tokens = sample_from_logprobs(sampling_logprobs)
+        return tokens, sampling_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    from_teacher = torch.rand(student_logprobs.size(0), 1, device=student_logprobs.device) < alpha
+    tokens = sample_from_logprobs(torch.where(from_teacher, teacher_logprobs, student_logprobs))
+    student_token, teacher_token = (
+        lp.gather(1, tokens[:, None]).squeeze(1) for lp in (student_logprobs, teacher_logprobs)
+    )
+    return tokens, mix_logprobs(student_token, teacher_token, alpha)
+
+
 @torch.no_grad()
 def sample_teacher_mixed(
     student: torch.nn.Module,
@@ -71,6 +105,8 @@ def sample_teacher_mixed(
 ) -> Rollout:
     """Sample completions token by token from `α·p + (1-α)·q` (then top-k / top-p if set).
 
+    The batch shrinks as rows end: a row that has produced EOS is dropped from both KV caches and is not fed again.
+
     Args:
         student, teacher: causal LMs sharing the first `vocab_size` vocabulary rows.
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts.
@@ -84,7 +120,8 @@ def sample_teacher_mixed(
         raise ValueError("sample_teacher_mixed needs left-padded prompts (the last column must be real tokens).")
     student_scorer = IncrementalScorer(student, vocab_size, temperature)
     teacher_scorer = IncrementalScorer(teacher, vocab_size, temperature)
-    eos = torch.tensor(eos_token_ids, device=prompt_ids.device)
+    device = prompt_ids.device
+    eos = torch.tensor(eos_token_ids, device=device)
 
     attention_mask = prompt_mask
     position_ids = position_ids_from_mask(prompt_mask)
@@ -93,37 +130,45 @@ def sample_teacher_mixed(
     next_position = position_ids[:, -1:] + 1
 
     batch_size = prompt_ids.size(0)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=prompt_ids.device)
-    columns = {name: [] for name in ("ids", "mask", "student", "teacher", "sampling", "hidden")}
+    completion_ids = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
+    completion_mask = torch.zeros(batch_size, max_new_tokens, dtype=torch.long, device=device)
+    scores = torch.zeros(3, batch_size, max_new_tokens, device=device)  # log q, log p, log p̃ of the sampled tokens
+    hidden = teacher_hidden.new_zeros(batch_size, max_new_tokens, teacher_hidden.size(-1))
+    rows = torch.arange(batch_size, device=device)  # batch rows still generating, in cache order
     for step in range(max_new_tokens):
-        sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
-        tokens = torch.multinomial(sampling_logprobs.exp(), num_samples=1).squeeze(1)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        valid = ~finished
-
-        def picked(logprobs):
-            return torch.where(valid, logprobs.gather(1, tokens[:, None]).squeeze(1), 0.0)
-
-        columns["ids"].append(tokens)
-        columns["mask"].append(valid.long())
-        columns["student"].append(picked(student_logprobs))
-        columns["teacher"].append(picked(teacher_logprobs))
-        columns["sampling"].append(picked(sampling_logprobs))
-        columns["hidden"].append(teacher_hidden * valid[:, None].to(teacher_hidden.dtype))
-        finished = finished | torch.isin(tokens, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        tokens, sampled_logprobs = draw_from_mixture(student_logprobs, teacher_logprobs, alpha, top_k, top_p)
+        completion_ids[rows, step] = tokens
+        completion_mask[rows, step] = 1
+        for index, logprobs in enumerate((student_logprobs, teacher_logprobs)):
+            scores[index, rows, step] = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        scores[2, rows, step] = sampled_logprobs
+        hidden[rows, step] = teacher_hidden
+        ended = torch.isin(tokens, eos)
+        if step == max_new_tokens - 1 or bool(ended.all()):
             break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            rows, tokens, next_position, attention_mask = (
+                rows[keep],
+                tokens[keep],
+                next_position[keep],
+                attention_mask[keep],
+            )
+            student_scorer.keep_rows(keep)
+            teacher_scorer.keep_rows(keep)
         # Feed the sampled token to both models: one incremental forward each.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows.size(0), 1)], dim=1)
         _, student_logprobs = student_scorer(tokens[:, None], attention_mask, next_position)
         teacher_hidden, teacher_logprobs = teacher_scorer(tokens[:, None], attention_mask, next_position)
         next_position = next_position + 1
 
+    length = step + 1
+    student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
     return Rollout(
-        completion_ids=torch.stack(columns["ids"], dim=1),
-        completion_mask=torch.stack(columns["mask"], dim=1),
-        student_logprobs=torch.stack(columns["student"], dim=1),
-        teacher_logprobs=torch.stack(columns["teacher"], dim=1),
-        sampling_logprobs=torch.stack(columns["sampling"], dim=1),
-        teacher_hidden=torch.stack(columns["hidden"], dim=1),
+        completion_ids=completion_ids[:, :length],
+        completion_mask=completion_mask[:, :length],
+        student_logprobs=student_scores,
+        teacher_logprobs=teacher_scores,
+        sampling_logprobs=sampling_scores,
+        teacher_hidden=hidden[:, :length],
     )

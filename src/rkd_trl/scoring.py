@@ -18,32 +18,51 @@ def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
     return model.base_model
 
 
-def output_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Vocabulary logits from final hidden states, as the model's own forward computes them.
+class OutputHead:
+    """`hidden → vocabulary logits` of a causal LM, exactly as the model's own forward computes them.
+
+    Resolved once (PEFT unwrapping, the LM head module, the config's logit post-processing) so that calling it in a
+    decode loop costs the projection only. Exposes `parameters()`, the parameters it reads, which the chunked losses
+    differentiate directly (see `losses.minillm_loss_sums`).
 
     Args:
         model: the causal LM whose output embeddings (LM head) and logit post-processing are applied.
-        hidden: `[..., H]` final hidden states (after the backbone's last norm).
         vocab_size: number of leading vocabulary rows kept; rows past it are padding rows of the embedding matrix.
-
-    Returns:
-        `[..., vocab_size]` float logits.
+        dtype: cast hidden states to this dtype first (the head's, when they were stored in another one).
     """
-    if is_peft_model(model):
-        model = model.base_model.model
-    logits = model.get_output_embeddings()(hidden)[..., :vocab_size]
-    config = model.config.get_text_config()
-    # The few architectures whose forward post-processes the head's output (Cohere, Granite, Gemma 2/3).
-    logit_scale = getattr(config, "logit_scale", None)
-    if logit_scale is not None:
-        logits = logits * logit_scale
-    logits_scaling = getattr(config, "logits_scaling", None)
-    if logits_scaling is not None:
-        logits = logits / logits_scaling
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, dtype: torch.dtype | None = None):
+        if is_peft_model(model):
+            model = model.base_model.model
+        self.projection = model.get_output_embeddings()
+        self.vocab_size = vocab_size
+        self.dtype = dtype
+        config = model.config.get_text_config()
+        # The few architectures whose forward post-processes the head's output (Cohere, Granite, Gemma 2/3).
+        self.logit_scale = getattr(config, "logit_scale", None)
+        self.logits_scaling = getattr(config, "logits_scaling", None)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`[..., H]` final hidden states (after the backbone's last norm) → `[..., vocab_size]` float logits."""
+        if self.dtype is not None:
+            hidden = hidden.to(self.dtype)
+        logits = self.projection(hidden)[..., : self.vocab_size]
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logits_scaling is not None:
+            logits = logits / self.logits_scaling
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+    def parameters(self):
+        return self.projection.parameters()
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[..., vocab_size]` float logits of `model` from its final hidden states `[..., H]` (see `OutputHead`)."""
+    return OutputHead(model, vocab_size)(hidden)
 
 
 def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer) -> int:
@@ -107,9 +126,8 @@ class IncrementalScorer:
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float):
-        self.model = model
         self.backbone = language_model_backbone(model)
-        self.vocab_size = vocab_size
+        self.head = OutputHead(model, vocab_size)
         self.temperature = temperature
         self.cache = None
 
@@ -129,5 +147,11 @@ class IncrementalScorer:
         )
         self.cache = outputs.past_key_values
         hidden = outputs.last_hidden_state[:, -1]
-        logits = output_logits(self.model, hidden, self.vocab_size)
-        return hidden, F.log_softmax(logits / self.temperature, dim=-1)
+        logits = self.head(hidden)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return hidden, F.log_softmax(logits, dim=-1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every other row from the KV cache (rows that finished generating)."""
+        self.cache.batch_select_indices(rows)

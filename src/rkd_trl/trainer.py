@@ -29,11 +29,11 @@ from .config import ReverseKLDistillConfig
 from .losses import lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
 from .scoring import (
+    OutputHead,
     check_finite_parameters,
     check_same_tokenizer,
     language_model_backbone,
     left_pad,
-    output_logits,
     position_ids_from_mask,
     shared_vocab_size,
 )
@@ -518,13 +518,12 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        teacher_dtype = next(teacher.parameters()).dtype
 
         sums = minillm_loss_sums(
             hidden[completion_mask],
             inputs["teacher_hidden"][completion_mask],
-            lambda h: output_logits(unwrapped_student, h, self.vocab_size),
-            lambda h: output_logits(teacher, h.to(teacher_dtype), self.vocab_size),
+            OutputHead(unwrapped_student, self.vocab_size),
+            OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
             inputs["completion_ids"][completion_mask],
             inputs["old_logprobs"][completion_mask],
             inputs["advantages"][completion_mask],
@@ -532,14 +531,13 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             temperature=self.temperature,
             clip_epsilon=self.args.ppo_clip_epsilon,
             chunk_size=self.args.loss_chunk_size,
+            single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
         )
-        loss = sums["policy_gradient"] / num_items_in_batch
-        if self.args.single_step_regularization:
-            loss = loss + sums["single_step"] / num_items_in_batch
+        loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
         metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
-            "loss/policy_gradient": (sums["policy_gradient"].detach(), tokens),
-            "loss/single_step": (sums["single_step"].detach(), tokens),
+            "loss/policy_gradient": (sums["policy_gradient"], tokens),
+            "loss/single_step": (sums["single_step"], tokens),
             "minillm/clip_fraction": (sums["clipped"], tokens),
         }
         if self.args.lm_loss_weight > 0 and "lm_input_ids" in inputs:
@@ -578,7 +576,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         valid = labels != -100
         total = lm_loss_sum(
             hidden[valid],
-            lambda h: output_logits(unwrapped_student, h, self.vocab_size),
+            OutputHead(unwrapped_student, self.vocab_size),
             labels[valid],
             self.args.loss_chunk_size,
         )

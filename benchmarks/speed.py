@@ -1,0 +1,439 @@
+"""Time per optimizer step: `ReverseKLDistillTrainer` vs TRL's `GKDTrainer` and `DistillationTrainer`.
+
+All trainers get the same randomly initialised models (built from config: a 4-layer teacher and a 2-layer student,
+hidden 256), the same prompts, batch size and `max_new_tokens`. After warm-up steps the trainers are run one step
+each in turn (A, B, C, ... A, B, C, ...) so that load from other processes on a shared machine hits all of them
+alike; the table reports medians, the spread (inter-quartile range) and ratios of medians.
+
+Also measured: teacher forward work (forward hooks count the positions fed to the teacher backbone), the scaling of
+the step time from `max_new_tokens` 64 to 128, and where the time of one step goes (torch.profiler ranges).
+
+    PYTHONPATH=src python benchmarks/speed.py      # prints the tables, writes them into docs/performance.md
+"""
+
+import argparse
+import contextlib
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+from trl import DistillationConfig, DistillationTrainer
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+from rkd_trl import trainer as rkd_trainer_module
+from rkd_trl.scoring import language_model_backbone
+from rkd_trl.synthetic import build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import DOCS, write_section
+
+# ---------------------------------------------------------------------------------------------------------- set-up
+
+
+def build_models(tokenizer, hidden_size: int, teacher_layers: int, student_layers: int):
+    """A random teacher and student over the tokenizer's vocabulary (Llama, 4 heads, long enough positions)."""
+
+    def model(layers, seed):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM(config)
+        lm.generation_config.eos_token_id = tokenizer.eos_token_id
+        lm.generation_config.pad_token_id = tokenizer.pad_token_id
+        return lm.eval()
+
+    return model(teacher_layers, 1), model(student_layers, 2)
+
+
+def conversations(tokenizer, num_rows: int, seed: int = 0) -> Dataset:
+    """User prompts of 8-24 random words (so prompts are left-padded) and a 16-word reference answer each."""
+    rng = random.Random(seed)
+    words = [word for word in tokenizer.get_vocab() if word.startswith("w")]
+    rows = []
+    for _ in range(num_rows):
+        prompt = " ".join(rng.choices(words, k=rng.randint(8, 24)))
+        answer = " ".join(rng.choices(words, k=16))
+        rows.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    return Dataset.from_dict({"messages": rows})
+
+
+def common_args(batch_size: int) -> dict:
+    return {
+        "output_dir": tempfile.mkdtemp(prefix="rkd-speed-"),
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-5,
+        "max_steps": 1000,
+        "logging_steps": 10_000,
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": False,
+        "save_strategy": "no",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "temperature": 1.0,
+    }
+
+
+def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_tokens: int):
+    """`{name: trainer}` over fresh copies of the same teacher and student weights."""
+    teacher_state, student_state = (m.state_dict() for m in models)
+
+    def fresh(which):
+        teacher, student = build_models(tokenizer, *MODEL_SHAPE)
+        teacher.load_state_dict(teacher_state)
+        student.load_state_dict(student_state)
+        return teacher if which == "teacher" else student
+
+    args = common_args(batch_size)
+    prompt_dataset = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
+    trainers = {}
+    for name in names:
+        if name == "GKDTrainer":
+            config = GKDConfig(**args, lmbda=1.0, beta=1.0, max_new_tokens=max_new_tokens, max_length=512)
+            trainer = GKDTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
+                                 train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        elif name == "DistillationTrainer":
+            config = DistillationConfig(**args, beta=1.0, max_completion_length=max_new_tokens)
+            trainer = DistillationTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
+                                          train_dataset=prompt_dataset, processing_class=tokenizer)  # fmt: skip
+        else:
+            reuse = name.endswith("reuse")
+            config = ReverseKLDistillConfig(
+                **args, teacher_mix_alpha=0.2, single_step_regularization=True, length_normalization=True,
+                lm_loss_weight=1.0, ppo_epochs=4 if reuse else 1, max_new_tokens=max_new_tokens,
+            )  # fmt: skip
+            trainer = ReverseKLDistillTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
+                                              train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        trainers[name] = trainer
+    return trainers
+
+
+class StepRunner:
+    """Runs optimizer steps of a trainer the way `Trainer.train` does (training_step, optimizer step, zero_grad)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by `train`
+        self.batches = iter(trainer.get_train_dataloader())
+        self.steps_per_rollout = getattr(trainer.args, "ppo_epochs", 1)
+
+    def step(self):
+        trainer = self.trainer
+        trainer.training_step(trainer.model, next(self.batches), None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def timed_cycle(self) -> float:
+        """Seconds per optimizer step, averaged over one rollout cycle (1 step, or `ppo_epochs` with reuse)."""
+        start = time.perf_counter()
+        for _ in range(self.steps_per_rollout):
+            self.step()
+        return (time.perf_counter() - start) / self.steps_per_rollout
+
+
+def interleaved_step_times(runners: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.timed_cycle()
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            times[name].append(runner.timed_cycle())
+    return times
+
+
+# ---------------------------------------------------------------------------------------------------------- counting
+
+
+class PositionCounter:
+    """Counts token positions fed through a module's forward (forward pre-hook on `input_ids` / `inputs_embeds`)."""
+
+    def __init__(self, module):
+        self.positions = 0
+        self.calls = 0
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs["inputs_embeds"][..., 0]
+        self.positions += ids.numel()
+        self.calls += 1
+
+    def remove(self):
+        self.handle.remove()
+
+
+def teacher_forward_work(trainer) -> dict:
+    """Positions fed to the teacher's backbone and rows projected by its LM head over one optimizer step,
+    against the rollout's `B × (P + T)` positions (prompt columns + completion columns)."""
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    backbone = PositionCounter(language_model_backbone(teacher))
+    head_rows = {"rows": 0}
+    head_hook = teacher.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: head_rows.__setitem__("rows", head_rows["rows"] + output[..., 0].numel())
+    )
+    shapes = {}
+    original = trainer._generate_and_score_completions
+
+    def record(inputs):
+        batch = original(inputs)
+        shapes["prompt"] = tuple(batch["prompt_ids"].shape)
+        shapes["completion"] = tuple(batch["completion_ids"].shape)
+        shapes["valid"] = int(batch["completion_mask"].sum())
+        return batch
+
+    trainer._generate_and_score_completions = record
+    try:
+        StepRunner(trainer).step()
+    finally:
+        trainer._generate_and_score_completions = original
+        backbone.remove()
+        head_hook.remove()
+    (batch, prompt_length), (_, completion_length) = shapes["prompt"], shapes["completion"]
+    return {
+        "backbone_positions": backbone.positions,
+        "backbone_calls": backbone.calls,
+        "head_rows": head_rows["rows"],
+        "rollout_positions": batch * (prompt_length + completion_length),
+        "valid": shapes["valid"],
+        "batch": batch,
+        "prompt_length": prompt_length,
+        "completion_length": completion_length,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- profile
+
+STAGES = {
+    # label: (object, attribute) wrapped in a profiler range
+    "sampling (teacher-mixed decode, both models)": (rkd_trainer_module, "sample_teacher_mixed"),
+    "advantages": (rkd_trainer_module, "advantages_from_rollout"),
+    "student forward (backbone)": (ReverseKLDistillTrainer, "_completion_hidden_states"),
+    "loss (heads + MiniLLM terms)": (rkd_trainer_module, "minillm_loss_sums"),
+    "LM loss (forward)": (ReverseKLDistillTrainer, "_lm_loss_sum"),
+    "GKD generate": (GKDTrainer, "generate_on_policy_outputs"),
+    "GKD forward + loss": (GKDTrainer, "compute_loss"),
+    "Distillation generate": (DistillationTrainer, "_generate"),
+    "Distillation forward + loss": (DistillationTrainer, "_compute_loss"),
+}
+
+
+@contextlib.contextmanager
+def profiled_stages():
+    """Wrap each stage of `STAGES` (and `accelerator.backward`, the optimizer step) in a named profiler range."""
+    originals = []
+
+    def ranged(label, function):
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    for label, (owner, attribute) in STAGES.items():
+        raw = owner.__dict__[attribute]
+        originals.append((owner, attribute, raw))
+        wrapped = ranged(label, getattr(owner, attribute))
+        setattr(owner, attribute, staticmethod(wrapped) if isinstance(raw, staticmethod) else wrapped)
+    try:
+        yield
+    finally:
+        for owner, attribute, raw in originals:
+            setattr(owner, attribute, raw)
+
+
+def profile_breakdown(runner: StepRunner, steps: int) -> list[tuple[str, float]]:
+    """Milliseconds per step in each labelled stage, from torch.profiler, plus backward and optimizer."""
+    trainer = runner.trainer
+    backward = trainer.accelerator.backward
+    optimizer_step = trainer.optimizer.step
+
+    def ranged_backward(loss, **kwargs):
+        with torch.profiler.record_function("backward"):
+            return backward(loss, **kwargs)
+
+    def ranged_optimizer_step(*args, **kwargs):
+        with torch.profiler.record_function("optimizer step"):
+            return optimizer_step(*args, **kwargs)
+
+    trainer.accelerator.backward = ranged_backward
+    trainer.optimizer.step = ranged_optimizer_step
+    try:
+        with (
+            profiled_stages(),
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+            torch.profiler.record_function("step"),
+        ):
+            for _ in range(steps):
+                runner.step()
+    finally:
+        trainer.accelerator.backward = backward
+        trainer.optimizer.step = optimizer_step
+    labels = [*STAGES, "backward", "optimizer step", "step"]
+    totals = {
+        event.key: event.cpu_time_total / 1000 / steps for event in profile.key_averages() if event.key in labels
+    }
+    return [(label, totals[label]) for label in labels if label in totals]
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def summarize(times: list[float]) -> tuple[float, float, float]:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), quartiles[0], quartiles[2]
+
+
+def step_table(times: dict[str, list[float]], reference: str) -> list[str]:
+    lines = [
+        f"| trainer | median s/step | IQR (s) | ratio to {reference} | runs |",
+        "|---|---|---|---|---|",
+    ]
+    reference_median = statistics.median(times[reference])
+    for name, values in times.items():
+        median, low, high = summarize(values)
+        lines.append(
+            f"| {name} | {median:.3f} | {low:.3f}–{high:.3f} | {median / reference_median:.2f} | {len(values)} |"
+        )
+    return lines
+
+
+MODEL_SHAPE = (256, 4, 2)  # hidden size, teacher layers, student layers
+
+
+def header(tokenizer, options) -> list[str]:
+    return [
+        (
+            f"Models: Llama from config, vocabulary {len(tokenizer)}, hidden {MODEL_SHAPE[0]}, teacher "
+            f"{MODEL_SHAPE[1]} layers, student {MODEL_SHAPE[2]} layers; batch {options.batch_size}; prompts 8-24 "
+            f"words (+ chat template), left-padded; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+            f"{options.warmup} warm-up steps per trainer, then {options.rounds} interleaved rounds."
+        ),
+        (
+            "ReverseKLDistillTrainer: teacher_mix_alpha=0.2, single-step term, length normalisation, "
+            "lm_loss_weight=1.0 (on the reference completions); `reuse` = ppo_epochs=4 (time per optimizer step "
+            "averaged over the 4 steps of one rollout). GKDTrainer: lmbda=1, beta=1. DistillationTrainer: beta=1."
+        ),
+        "",
+    ]
+
+
+def teacher_work_lines(work: dict, name: str, max_new_tokens: int) -> list[str]:
+    # Each row is fed its prompt columns and every sampled token but its last (which predicts nothing).
+    expected = work["batch"] * work["prompt_length"] + work["valid"] - work["batch"]
+    return [
+        f"### Teacher forward work, one optimizer step of {name} (max_new_tokens = {max_new_tokens})",
+        "",
+        (
+            f"Rollout: B={work['batch']}, prompt columns P={work['prompt_length']}, completion columns "
+            f"T={work['completion_length']}, valid completion tokens {work['valid']}."
+        ),
+        (
+            f"- positions fed to the teacher backbone: {work['backbone_positions']} in {work['backbone_calls']} "
+            f"calls; prompt positions + every sampled position but the last of each row = B×P + Σ(len-1) = "
+            f"{expected}; B×(P+T) = {work['rollout_positions']}."
+        ),
+        f"- teacher forwards per token position: {work['backbone_positions'] / expected:.3f}",
+        (
+            f"- rows projected by the teacher LM head (`H × V` product, not a forward): {work['head_rows']} = the "
+            "B×T next-token distributions mixed while sampling + the valid completion rows again in the loss "
+            "(from the stored hidden states)."
+        ),
+        "",
+    ]
+
+
+def breakdown_lines(breakdown: dict, steps: int, max_new_tokens: int) -> list[str]:
+    lines = [
+        (
+            f"### Where the time goes (torch.profiler ranges, ms per step, mean of {steps} steps, "
+            f"max_new_tokens = {max_new_tokens})"
+        ),
+        "",
+    ]
+    for name, rows in breakdown.items():
+        lines += [f"{name}:", "", "| stage | ms/step |", "|---|---|"]
+        lines += [f"| {label} | {ms:.0f} |" for label, ms in rows]
+        lines.append("")
+    return lines
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vocab-size", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--output", type=Path, default=DOCS)
+    options = parser.parse_args()
+    torch.set_num_threads(options.threads)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer([f"w{i}" for i in range(options.vocab_size - 5)])
+    models = build_models(tokenizer, *MODEL_SHAPE)
+    dataset = conversations(tokenizer, num_rows=512)
+    ours, ours_reuse = "ReverseKLDistillTrainer", "ReverseKLDistillTrainer reuse"
+    names = [ours, "GKDTrainer", "DistillationTrainer", ours_reuse]
+    out = header(tokenizer, options)
+    medians = {}
+    low, high = options.max_new_tokens, 2 * options.max_new_tokens
+    for max_new_tokens in (low, high):
+        trainers = build_trainers(names, models, tokenizer, dataset, options.batch_size, max_new_tokens)
+        runners = {name: StepRunner(trainer) for name, trainer in trainers.items()}
+        times = interleaved_step_times(runners, options.warmup, options.rounds)
+        medians[max_new_tokens] = {name: statistics.median(values) for name, values in times.items()}
+        ratio_distill = medians[max_new_tokens][ours] / medians[max_new_tokens]["DistillationTrainer"]
+        section = [f"### Step time, max_new_tokens = {max_new_tokens}", "", *step_table(times, "GKDTrainer"), ""]
+        section += [f"Ratio {ours} / DistillationTrainer: {ratio_distill:.2f}.", ""]
+        print("\n".join(section), flush=True)
+        out += section
+        if max_new_tokens == low:
+            work = teacher_forward_work(trainers[ours])
+            profiled = (ours, "GKDTrainer", "DistillationTrainer")
+            breakdown = {name: profile_breakdown(runners[name], options.profile_steps) for name in profiled}
+        del trainers, runners
+
+    out += [f"### Scaling, max_new_tokens {high} vs {low}", "", "| trainer | ratio of medians |", "|---|---|"]
+    out += [f"| {name} | {medians[high][name] / medians[low][name]:.2f} |" for name in names]
+    out += ["", *teacher_work_lines(work, ours, low), *breakdown_lines(breakdown, options.profile_steps, low)]
+    text = "\n".join(out)
+    print(text)
+    write_section(options.output, "speed", text)
+
+
+if __name__ == "__main__":
+    main()
