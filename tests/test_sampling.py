@@ -186,3 +186,20 @@ def test_right_padded_prompts_are_rejected(tokenizer, teacher, make_student):
             eos_token_ids=[2],
             pad_token_id=0,
         )
+
+
+@pytest.mark.parametrize("broken", ["student", "teacher"])
+def test_nan_logits_while_sampling_name_the_model(tokenizer, teacher, make_student, broken):
+    student = make_student().eval()
+    models = {"student": student, "teacher": teacher}
+    calls = {"count": 0}
+
+    def nan_on_third_step(module, args, output):
+        # The prompt step and the first fed token are fine; the second fed token overflows.
+        calls["count"] += 1
+        return output * float("nan") if calls["count"] == 3 else output
+
+    models[broken].get_output_embeddings().register_forward_hook(nan_on_third_step)
+    torch.manual_seed(0)
+    with pytest.raises(FloatingPointError, match=f"The {broken}'s next-token distribution contains NaN"):
+        sample(student, teacher, tokenizer, ["q0", "q1"], 0.2, max_new_tokens=6)

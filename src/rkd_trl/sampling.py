@@ -87,6 +87,11 @@ def draw_from_mixture(
     return tokens, mix_logprobs(student_token, teacher_token, alpha)
 
 
+def _nan_in(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """`[2]` booleans: whether the student's / teacher's `[B, V]` log-probs contain a NaN."""
+    return torch.stack([student_logprobs.isnan().any(), teacher_logprobs.isnan().any()])
+
+
 @torch.no_grad()
 def sample_teacher_mixed(
     student: torch.nn.Module,
@@ -127,6 +132,7 @@ def sample_teacher_mixed(
     position_ids = position_ids_from_mask(prompt_mask)
     _, student_logprobs = student_scorer(prompt_ids, attention_mask, position_ids)
     teacher_hidden, teacher_logprobs = teacher_scorer(prompt_ids, attention_mask, position_ids)
+    nan_seen = _nan_in(student_logprobs, teacher_logprobs)
     next_position = position_ids[:, -1:] + 1
 
     batch_size = prompt_ids.size(0)
@@ -160,7 +166,17 @@ def sample_teacher_mixed(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows.size(0), 1)], dim=1)
         _, student_logprobs = student_scorer(tokens[:, None], attention_mask, next_position)
         teacher_hidden, teacher_logprobs = teacher_scorer(tokens[:, None], attention_mask, next_position)
+        nan_seen |= _nan_in(student_logprobs, teacher_logprobs)
         next_position = next_position + 1
+
+    # Checked once at the end (no extra synchronisation per token): tokens drawn after a NaN are never used.
+    if bool(nan_seen.any()):
+        models = " and the ".join(name for name, seen in zip(("student", "teacher"), nan_seen.tolist()) if seen)
+        raise FloatingPointError(
+            f"The {models}'s next-token distribution contains NaN while sampling: its logits overflowed or its "
+            "weights are corrupt. Run it in bfloat16 or float32 rather than float16, and check its output with a "
+            "plain forward on the same prompts."
+        )
 
     length = step + 1
     student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
