@@ -1,5 +1,5 @@
-"""Multi-process training on CPU: `accelerate launch` with 2 gloo processes equals 1 process at the same global
-batch and seed."""
+"""Multi-process runs on CPU (gloo): `accelerate launch` with 2 processes equals 1 process at the same global batch
+and seed; FSDP2-sharded models give the trainer's direct backbone / LM-head calls the unsharded results."""
 
 import importlib.util
 import os
@@ -64,3 +64,13 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     assert moved > 1e-2, moved
     # A launch that silently ran one process would train on a global batch of 4, not 8, and not match.
     assert difference < 1e-5, (difference, moved)  # measured: ~1e-7 (float32 reduction order)
+
+
+def test_fsdp2_sharded_models_match_unsharded_in_sampler_and_teacher_head():
+    """accelerate runs FSDP on GPUs only; torch's FSDP2 itself runs on CPU with gloo, which is what this checks."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(REPO / "tests" / "fsdp2_direct_calls.py")]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("FSDP2 direct calls match") == 2

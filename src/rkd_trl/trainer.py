@@ -10,11 +10,13 @@ the algorithm:
 import os
 import textwrap
 import warnings
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from huggingface_hub import ModelCard
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoTokenizer, BitsAndBytesConfig
 from transformers.quantizers import AutoQuantizationConfig
 from transformers.utils import is_bitsandbytes_available
@@ -99,6 +101,27 @@ def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> N
             "weights. Use data parallelism (examples/accelerate/multi_gpu.yaml), where each process holds the "
             "whole quantised teacher, or an unquantised teacher sharded by ZeRO-3 / FSDP."
         )
+
+
+@contextmanager
+def root_parameters_gathered(model: torch.nn.Module, backend: DistributedBackend):
+    """Gather the parameters an FSDP root module holds itself (embeddings, final norm, LM head) for direct calls.
+
+    FSDP gathers a sharded module's own parameters only inside that module's forward. The sampler and the loss call
+    the backbone and the LM head directly, never the root's forward, so the root is gathered around those calls:
+    FSDP2 with `unshard`/`reshard`, FSDP1 with trl's `summon_full_params(recurse=False)`. Decoder layers sharded on
+    their own still gather through their forward hooks, one layer at a time. DeepSpeed ZeRO-3 gathers every module
+    through its hooks and needs nothing here; without FSDP this is a no-op.
+    """
+    if backend.fsdp_version == 2 and isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        with backend.summon_full_params(model, recurse=False):
+            yield
 
 
 class ReverseKLDistillTrainer(DistillationTrainer):
@@ -409,6 +432,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as student,
             unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+            root_parameters_gathered(student, self._dist),
+            root_parameters_gathered(teacher, self._dist),
         ):
             rollout = sample_teacher_mixed(
                 student,
@@ -556,21 +581,21 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        teacher_dtype = next(teacher.parameters()).dtype
-
-        sums = minillm_loss_sums(
-            hidden[completion_mask],
-            inputs["teacher_hidden"][completion_mask],
-            lambda h: output_logits(unwrapped_student, h, self.vocab_size),
-            lambda h: output_logits(teacher, h.to(teacher_dtype), self.vocab_size),
-            inputs["completion_ids"][completion_mask],
-            inputs["old_logprobs"][completion_mask],
-            inputs["advantages"][completion_mask],
-            inputs["importance_weights"][completion_mask],
-            temperature=self.temperature,
-            clip_epsilon=self.args.ppo_clip_epsilon,
-            chunk_size=self.args.loss_chunk_size,
-        )
+        with root_parameters_gathered(teacher, self._dist):
+            teacher_dtype = next(teacher.parameters()).dtype
+            sums = minillm_loss_sums(
+                hidden[completion_mask],
+                inputs["teacher_hidden"][completion_mask],
+                lambda h: output_logits(unwrapped_student, h, self.vocab_size),
+                lambda h: output_logits(teacher, h.to(teacher_dtype), self.vocab_size),
+                inputs["completion_ids"][completion_mask],
+                inputs["old_logprobs"][completion_mask],
+                inputs["advantages"][completion_mask],
+                inputs["importance_weights"][completion_mask],
+                temperature=self.temperature,
+                clip_epsilon=self.args.ppo_clip_epsilon,
+                chunk_size=self.args.loss_chunk_size,
+            )
         loss = sums["policy_gradient"] / num_items_in_batch
         if self.args.single_step_regularization:
             loss = loss + sums["single_step"] / num_items_in_batch
