@@ -3,6 +3,7 @@ adapter save/reload, bitsandbytes-quantised teacher."""
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ from trl.distributed import DistributedBackend
 from rkd_trl import ReverseKLDistillTrainer
 from rkd_trl.trainer import check_quantized_teacher_placement
 
+REPO = Path(__file__).resolve().parents[1]
+# Logged by transformers itself; everything else the trainer logs must be in docs/logging.md.
+TRANSFORMERS_METRICS = {"loss", "grad_norm", "learning_rate", "epoch", "step", "step_time", "train_runtime",
+                        "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos"}  # fmt: skip
 # Every metric docs/logging.md documents for a run without LM loss.
 LOGGED_METRICS = [
     "minillm/reward_mean", "minillm/reverse_kl", "minillm/importance_weight_mean", "minillm/importance_weight_max",
@@ -62,6 +67,11 @@ def test_wandb_offline_and_trackio_receive_metrics_and_completion_tables(
     for name in LOGGED_METRICS:
         assert f"train/{name}" in logged[0], name
     assert any("completions" in entry for entry in logs)
+
+    documented = (REPO / "docs" / "logging.md").read_text()
+    for entry in trainer.state.log_history:
+        for name in set(entry) - TRANSFORMERS_METRICS:
+            assert f"`{name}`" in documented, f"{name} is logged but not in docs/logging.md"
 
 
 def test_model_card_has_citation_teacher_settings_and_final_metrics(
