@@ -213,8 +213,8 @@ def _answers(model, tokenizer, prompts, max_new_tokens, batch_size, greedy):
 
 
 def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
-    """Mean over predictions of the best Rouge-L F-measure against any of its references, × 100 (as the MiniLLM
-    paper reports it, with the best-of-references rule of its evaluation), by Google's `rouge_score`."""
+    """Mean over predictions of the best Rouge-L F-measure against any of its references, × 100 (the scale of the
+    MiniLLM paper), by Google's `rouge_score` with its default tokenisation."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"])
