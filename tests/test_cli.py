@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rkd_trl.cli import exact_match, main, rouge_l
+from rkd_trl.cli import exact_match, main, make_train_parser, rouge_l
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +76,19 @@ def test_eval_of_the_teacher_against_itself_has_zero_reverse_kl(tmp_path, tiny):
     assert 0.0 <= results["rouge_l"] <= 100.0 and 0.0 <= results["exact_match"] <= 1.0
     sample = results["samples"][0]  # rows sharing a prompt are one prompt with all their references
     assert sorted(sample["references"]) == sorted(references[sample["prompt"].split()[0]])
+
+
+@pytest.mark.parametrize("recipe", sorted(path.name for path in (REPO / "examples" / "recipes").glob("*.yaml")))
+def test_every_recipe_parses(recipe):
+    from transformers import BitsAndBytesConfig
+
+    from rkd_trl.trainer import teacher_quantization_config
+
+    # GPU recipes ask for bf16; on this CPU only the keys and values are checked.
+    _, training_args, model_args, _ = make_train_parser().parse_args_and_config(
+        ["--config", str(REPO / "examples" / "recipes" / recipe), "--bf16", "false", "--use_cpu", "true"]
+    )
+    assert model_args.model_name_or_path and training_args.teacher_model_name_or_path
+    quantization = (training_args.teacher_model_init_kwargs or {}).get("quantization_config")
+    if quantization is not None:
+        assert isinstance(teacher_quantization_config(quantization), BitsAndBytesConfig)

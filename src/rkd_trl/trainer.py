@@ -318,7 +318,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         for entry in self.state.log_history:
             last_logged.update({key: value for key, value in entry.items() if key in self._card_metrics})
         if last_logged:
-            lines += ["Last logged training metrics (docs/logging.md says what each one is):", "",
+            lines += ["Last logged training metrics (names as in rkd-trl's docs/logging.md):", "",
                       "| metric | value |", "|---|---|"]  # fmt: skip
             lines += [f"| `{name}` | {last_logged[name]:.4g} |" for name in self._card_metrics if name in last_logged]
             lines.append("")
