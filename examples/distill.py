@@ -10,7 +10,7 @@ python examples/distill.py --config examples/recipes/tiny.yaml
 # Two CPU processes (gloo), to check a multi-process set-up without GPUs
 ```bash
 accelerate launch --config_file examples/accelerate/cpu_2proc.yaml examples/distill.py \
-    --config examples/recipes/tiny.yaml --per_device_train_batch_size 4
+    --config examples/recipes/tiny.yaml --per_device_train_batch_size 8 --output_dir tiny-2proc
 ```
 
 # 8 GPUs: DDP, DeepSpeed ZeRO-3 or FSDP2 (see docs/multi-gpu.md)

@@ -195,18 +195,13 @@ def _answers(model, tokenizer, prompts, max_new_tokens, batch_size, greedy):
 
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
+    sampling = {} if greedy else {"top_k": 0, "top_p": 1.0, "temperature": 1.0}  # pure sampling (the reference settings)
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
         batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)  # fmt: skip
         output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            top_k=0,
-            top_p=1.0,
-            temperature=1.0,
-            pad_token_id=tokenizer.pad_token_id,
+            **batch, **sampling, do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
         )
         answers += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
     return answers
