@@ -1,38 +1,40 @@
-"""Distil a tiny student from a tiny teacher with ReverseKLDistillTrainer, on models built locally.
+"""Distil a student from a teacher with ReverseKLDistillTrainer: trl's script layout (`TrlParser` over
+ScriptArguments, ReverseKLDistillConfig, ModelConfig, DatasetMixtureConfig), flags or a YAML recipe.
 
-    python examples/distill.py
+# One process (CPU or one GPU); the tiny recipe runs on a laptop CPU in about a minute
+```bash
+python examples/make_tiny_models.py tiny
+python examples/distill.py --config examples/recipes/tiny.yaml
+```
 
-Replace the models, tokenizer and dataset with your own (hub ids or local paths work for `model` and
-`teacher_model`); the dataset may be GKD's `messages` format or DistillationTrainer's `prompt` format.
+# Two CPU processes (gloo), to check a multi-process set-up without GPUs
+```bash
+accelerate launch --config_file examples/accelerate/cpu_2proc.yaml examples/distill.py \
+    --config examples/recipes/tiny.yaml --per_device_train_batch_size 8 --output_dir tiny-2proc
+```
+
+# 8 GPUs: DDP, DeepSpeed ZeRO-3 or FSDP2 (see docs/multi-gpu.md)
+```bash
+accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/distill.py \
+    --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
+accelerate launch --config_file examples/accelerate/zero3.yaml examples/distill.py \
+    --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
+accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/distill.py \
+    --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
+```
+
+# LoRA student, 4-bit teacher (one GPU)
+```bash
+python examples/distill.py --config examples/recipes/qwen2.5-7b-to-0.5b-lora-4bit-teacher.yaml
+```
+
+`rkd-trl train` takes the same arguments. A GKD script (`trl.experimental.gkd`) is migrated by swapping the class
+names, see docs/migrating-from-gkd.md.
 """
 
-from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
+from rkd_trl.cli import make_train_parser, train
 
-task = MultiAnswerTask()
-tokenizer = task.tokenizer()
-teacher = tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, seed=0)
-train_causal_lm(teacher, tokenizer, task.conversations(), steps=300)
-student = tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=1)
-
-args = ReverseKLDistillConfig(
-    output_dir="distilled-student",
-    teacher_mix_alpha=0.2,
-    max_new_tokens=8,
-    per_device_train_batch_size=8,
-    max_steps=50,
-    learning_rate=3e-3,
-    logging_steps=10,
-    report_to=[],
-    bf16=False,
-    gradient_checkpointing=False,
-)
-trainer = ReverseKLDistillTrainer(
-    model=student,
-    teacher_model=teacher,
-    args=args,
-    train_dataset=task.conversations(repeats=10),
-    processing_class=tokenizer,
-)
-trainer.train()
-trainer.save_model()
+if __name__ == "__main__":
+    parser = make_train_parser(prog="examples/distill.py")
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
+    train(script_args, training_args, model_args, dataset_args)

@@ -1,9 +1,16 @@
-"""`rkd-trl` command line: `rkd-trl demo` distils a tiny student on a synthetic task, with nothing downloaded."""
+"""`rkd-trl` command line.
+
+- `rkd-trl train`: distil a student from a teacher; TRL-style flags and `--config recipe.yaml` (the same arguments as
+  `examples/distill.py`, which `accelerate launch` runs on several processes).
+- `rkd-trl eval`: Rouge-L, length and reverse KL to a teacher of a model's answers on a dataset.
+- `rkd-trl demo`: distils a tiny student on a synthetic task, with nothing downloaded.
+"""
 
 import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -93,6 +100,241 @@ def _demo(options):
     (output / "demo_metrics.json").write_text(json.dumps(dict(rows), indent=2))
 
 
+TRAIN_DESCRIPTION = """\
+Distil a student from a teacher with ReverseKLDistillTrainer (MiniLLM reverse KL).
+
+Arguments are those of trl's scripts: ScriptArguments (--dataset_name ...), ReverseKLDistillConfig (--output_dir,
+--teacher_model_name_or_path, --teacher_mix_alpha, every TrainingArguments field ...), ModelConfig
+(--model_name_or_path, --use_peft, --lora_r, --load_in_4bit ...) and DatasetMixtureConfig. Give them as flags or
+in a YAML file with --config; flags override the file. Example:
+
+  rkd-trl train --config examples/recipes/tiny.yaml --max_steps 20
+
+Several processes or GPUs: accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/distill.py
+--config RECIPE.yaml (docs/multi-gpu.md)."""
+
+
+def make_train_parser(prog: str = "rkd-trl train"):
+    """TRL-style parser of the training script: `(ScriptArguments, ReverseKLDistillConfig, ModelConfig,
+    DatasetMixtureConfig)`, with `--config recipe.yaml`."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+
+    from .config import ReverseKLDistillConfig
+
+    return TrlParser(
+        (ScriptArguments, ReverseKLDistillConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog,
+        usage=f"{prog} [--config RECIPE.yaml] [--FIELD VALUE ...]",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def train(script_args, training_args, model_args, dataset_args):
+    """Load the data, distil `model_args.model_name_or_path` from `training_args.teacher_model_name_or_path`, save
+    the student and its model card, and push both when `--push_to_hub` is set. Returns the trainer."""
+    from datasets import load_dataset
+    from trl import get_dataset, get_peft_config, get_quantization_config
+
+    from .trainer import ReverseKLDistillTrainer
+
+    if model_args.model_name_or_path is None:
+        raise ValueError("Set the student with `--model_name_or_path` (a hub id or a local path).")
+    if training_args.teacher_model_name_or_path is None:
+        raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a hub id or a local path).")
+    # As trl's distillation script: the student's quantisation goes through the trainer's `quantization_config`; the
+    # teacher stays unquantised unless `teacher_model_init_kwargs` says otherwise.
+    shared_init_kwargs = {
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision, **shared_init_kwargs, **(training_args.model_init_kwargs or {})
+    }
+    training_args.teacher_model_init_kwargs = {**shared_init_kwargs, **(training_args.teacher_model_init_kwargs or {})}
+
+    if dataset_args.datasets:
+        dataset = get_dataset(dataset_args)
+    elif script_args.dataset_name:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    else:
+        raise ValueError("Give a dataset: `--dataset_name` (hub id or local directory) or `datasets:` in the YAML.")
+
+    trainer = ReverseKLDistillTrainer(
+        model=model_args.model_name_or_path,
+        teacher_model=training_args.teacher_model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None,
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
+    trainer.accelerator.print(f"Student saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.accelerator.print(f"Pushed to https://huggingface.co/{trainer.hub_model_id}.")
+    trainer.end()  # finish the trackers and the process group
+    return trainer
+
+
+def _train(argv):
+    parser = make_train_parser()
+    train(*parser.parse_args_and_config(argv))
+
+
+def _answers(model, tokenizer, prompts, max_new_tokens, batch_size, greedy):
+    """Sampled (or greedy) answers of `model` to the prompt texts, batch by batch with a progress bar."""
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    sampling = {} if greedy else {"top_k": 0, "top_p": 1.0, "temperature": 1.0}  # pure sampling (the reference settings)
+    answers = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(device)  # fmt: skip
+        output = model.generate(
+            **batch, **sampling, do_sample=not greedy, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+        )
+        answers += tokenizer.batch_decode(output[:, batch["input_ids"].size(1) :], skip_special_tokens=True)
+    return answers
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
+    """Mean over predictions of the best Rouge-L F-measure against any of its references, × 100 (the scale of the
+    MiniLLM paper), by Google's `rouge_score` with its default tokenisation."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    best = [
+        max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in options)
+        for prediction, options in zip(predictions, references, strict=True)
+    ]
+    return 100.0 * sum(best) / max(len(best), 1)
+
+
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """Share of predictions equal (up to surrounding white space) to one of their references."""
+    hits = [prediction.strip() in {r.strip() for r in options} for prediction, options in zip(
+        predictions, references, strict=True)]  # fmt: skip
+    return sum(hits) / max(len(hits), 1)
+
+
+def _completion_text(completion):
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def _prompts_with_references(dataset, tokenizer):
+    """Unique prompt texts (chat template applied when conversational), each with all its reference completions,
+    and the raw prompts."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    references, raw_prompts = {}, {}
+    for row in dataset:
+        text = maybe_apply_chat_template({"prompt": row["prompt"]}, tokenizer)["prompt"]
+        references.setdefault(text, []).append(_completion_text(row["completion"]))
+        raw_prompts.setdefault(text, row["prompt"])
+    return list(references), list(references.values()), list(raw_prompts.values())
+
+
+def evaluate_model(options) -> dict:
+    """Answers of `options.model` to the dataset's prompts, scored against the reference completions (Rouge-L,
+    exact match, length); with a teacher, also the Monte-Carlo reverse KL(model || teacher)
+    (`metrics.reverse_kl_estimate`). Rows sharing a prompt are one prompt with several references."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .metrics import reverse_kl_estimate
+    from .trainer import to_prompt_completion
+
+    torch.manual_seed(options.seed)
+    tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or options.model)
+    model = AutoModelForCausalLM.from_pretrained(options.model).eval()
+    dataset = to_prompt_completion(load_dataset(options.dataset, split=options.split), options.dataset)
+    if "completion" not in dataset.column_names:
+        raise ValueError(f"{options.dataset}[{options.split}] has no reference completions to score answers against.")
+    prompts, references, raw_prompts = _prompts_with_references(dataset, tokenizer)
+    keep = slice(options.num_prompts)  # all when None
+    prompts, references, raw_prompts = prompts[keep], references[keep], raw_prompts[keep]
+    answers = _answers(model, tokenizer, prompts, options.max_new_tokens, options.batch_size, options.greedy)
+    results = {
+        "model": options.model,
+        "dataset": f"{options.dataset}[{options.split}]",
+        "num_prompts": len(prompts),
+        "rouge_l": rouge_l(answers, references),
+        "exact_match": exact_match(answers, references),
+        "length": sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / len(answers),
+    }
+    if options.teacher is not None:
+        user_turns = [_single_user_turn(prompt) for prompt in raw_prompts]
+        if None in user_turns:
+            print("reverse KL: skipped (it is estimated on single-turn conversational prompts only)")
+        else:
+            teacher = AutoModelForCausalLM.from_pretrained(options.teacher).eval()
+            print("estimating the reverse KL to the teacher ...")
+            kl = reverse_kl_estimate(model, teacher, tokenizer, user_turns, options.max_new_tokens,
+                                     samples_per_prompt=options.samples_per_prompt)  # fmt: skip
+            results.update(teacher=options.teacher, reverse_kl=kl["reverse_kl"], reverse_kl_stderr=kl["reverse_kl_stderr"])
+    results["samples"] = [
+        {"prompt": p, "answer": a, "references": r} for p, a, r in list(zip(prompts, answers, references))[:5]
+    ]
+    return results
+
+
+def _single_user_turn(prompt):
+    if isinstance(prompt, list) and len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    return None
+
+
+def _eval(options):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results = evaluate_model(options)
+    print(f"\n{results['dataset']}: {results['num_prompts']} prompts, model {results['model']}")
+    print(f"  Rouge-L      {results['rouge_l']:.2f}")
+    print(f"  exact match  {results['exact_match']:.1%}")
+    print(f"  length       {results['length']:.2f} tokens")
+    if "reverse_kl" in results:
+        print(f"  reverse KL   {results['reverse_kl']:.3f} ± {results['reverse_kl_stderr']:.3f} nats (to {results['teacher']})")
+    if options.output is not None:
+        Path(options.output).write_text(json.dumps(results, indent=2))
+        print(f"written to {options.output}")
+
+
+def _add_eval_parser(commands):
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a model's answers on a dataset: Rouge-L, exact match, length, reverse KL to a teacher",
+        description="Generates one answer per prompt of DATASET[SPLIT] (GKD `messages` or `prompt`/`completion` "
+        "format; chat template applied to conversational prompts) and scores it against the reference completions "
+        "(rows sharing a prompt are its several references; the best one counts): Rouge-L F-measure x 100 "
+        "(rouge_score, as in the MiniLLM paper), exact match and answer length in tokens. With "
+        "--teacher, also the Monte-Carlo sequence-level reverse KL(model || teacher) in nats on single-turn "
+        "conversational prompts. Nothing is downloaded when paths are local.",
+    )
+    evaluate.add_argument("--model", required=True, help="model to evaluate: hub id or local path")
+    evaluate.add_argument("--dataset", required=True, help="dataset: hub id or local directory (json/parquet files)")
+    evaluate.add_argument("--split", default="test", help="dataset split (default: test)")
+    evaluate.add_argument("--teacher", help="teacher for the reverse-KL estimate (same tokenizer)")
+    evaluate.add_argument("--tokenizer", help="tokenizer path if not stored with the model (e.g. a saved adapter)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default: 64)")
+    evaluate.add_argument("--num-prompts", type=int, help="evaluate only the first N distinct prompts")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="prompts generated at once (default: 16)")
+    evaluate.add_argument("--samples-per-prompt", type=int, default=8,
+                          help="samples per prompt for the reverse-KL estimate (default: 8)")  # fmt: skip
+    evaluate.add_argument("--greedy", action="store_true",
+                          help="greedy answers (default: sampling at temperature 1, as the paper's evaluation)")  # fmt: skip
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--output", help="also write the results (and 5 sample answers) to this JSON file")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="rkd-trl",
@@ -111,9 +353,19 @@ def main(argv=None):
     demo.add_argument("--sft-steps", type=int, default=200, help="SFT steps that initialise the student")
     demo.add_argument("--learning-rate", type=float, default=3e-3)
     demo.add_argument("--seed", type=int, default=0)
+    # `train` has trl's own parser (dataclass fields, --config YAML): only listed here, its arguments are passed on.
+    commands.add_parser("train", add_help=False, help="distil a student from a teacher (TRL flags or --config YAML)")
+    _add_eval_parser(commands)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, _ = parser.parse_known_args(argv)
+    if options.command == "train":
+        _train(argv[argv.index("train") + 1 :])
+        return
     options = parser.parse_args(argv)
     if options.command == "demo":
         _demo(options)
+    elif options.command == "eval":
+        _eval(options)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,30 @@ import os
 import shutil
 import textwrap
 import warnings
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer
+from huggingface_hub import ModelCard
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoTokenizer, BitsAndBytesConfig
+from transformers.quantizers import AutoQuantizationConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-from transformers.utils import logging
+from transformers.utils import is_bitsandbytes_available, logging
 from trl import DistillationTrainer
 from trl.data_utils import apply_chat_template, is_conversational
+from trl.distributed import DistributedBackend
 from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import RepeatSampler, create_model_from_path, pad, shuffle_sequence_dict, split_tensor_dict
+from trl.trainer.utils import (
+    RepeatSampler,
+    create_model_from_path,
+    get_config_model_id,
+    pad,
+    shuffle_sequence_dict,
+    split_tensor_dict,
+)
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
@@ -77,6 +89,51 @@ def to_prompt_completion(dataset: Dataset | IterableDataset | None, name: str):
         return {"prompt": messages[:-1], "completion": messages[-1:]}
 
     return dataset.map(split_last_turn, with_indices=True, remove_columns=["messages"])
+
+
+def teacher_quantization_config(config):
+    """The teacher's quantisation config from `teacher_model_init_kwargs["quantization_config"]`: a config object, or
+    a dict as written in YAML/JSON (bitsandbytes keys such as `load_in_4bit`, or any method with `quant_method`)."""
+    if isinstance(config, dict):
+        config = AutoQuantizationConfig.from_dict(config) if "quant_method" in config else BitsAndBytesConfig(**config)
+    if isinstance(config, BitsAndBytesConfig) and not is_bitsandbytes_available():
+        raise ImportError(
+            "The teacher's quantization_config asks for bitsandbytes, which is not installed: "
+            "`pip install bitsandbytes` (or `pip install rkd-trl[bitsandbytes]`), or drop the quantization_config."
+        )
+    return config
+
+
+def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> None:
+    """A bitsandbytes-quantised teacher is held whole by every process: it cannot be sharded by ZeRO-3 or FSDP."""
+    quantized = getattr(teacher, "is_loaded_in_4bit", False) or getattr(teacher, "is_loaded_in_8bit", False)
+    if quantized and (backend.is_zero3 or backend.is_fsdp):
+        raise ValueError(
+            "The teacher is quantised with bitsandbytes, and DeepSpeed ZeRO-3 / FSDP cannot shard 4-bit or 8-bit "
+            "weights. Use data parallelism (examples/accelerate/multi_gpu.yaml), where each process holds the "
+            "whole quantised teacher, or an unquantised teacher sharded by ZeRO-3 / FSDP."
+        )
+
+
+@contextmanager
+def root_parameters_gathered(model: torch.nn.Module, backend: DistributedBackend):
+    """Gather the parameters an FSDP root module holds itself (embeddings, final norm, LM head) for direct calls.
+
+    FSDP gathers a sharded module's own parameters only inside that module's forward. The sampler and the loss call
+    the backbone and the LM head directly, never the root's forward, so the root is gathered around those calls:
+    FSDP2 with `unshard`/`reshard`, FSDP1 with trl's `summon_full_params(recurse=False)`. Decoder layers sharded on
+    their own still gather through their forward hooks, one layer at a time. DeepSpeed ZeRO-3 gathers every module
+    through its hooks and needs nothing here; without FSDP this is a no-op.
+    """
+    if backend.fsdp_version == 2 and isinstance(model, FSDPModule):
+        model.unshard()
+        try:
+            yield
+        finally:
+            model.reshard()
+    else:
+        with backend.summon_full_params(model, recurse=False):
+            yield
 
 
 class ReverseKLDistillTrainer(DistillationTrainer):
@@ -211,6 +268,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if teacher_source is not None:
             self._check_teacher_tokenizer(teacher_source, args)
         self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
+        check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
         else:
@@ -231,6 +289,59 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         self._skipped_steps = 0
         self._checkpoint_staging_dir = None
 
+    # ------------------------------------------------------------------ model card
+
+    # Settings and metrics the card reports, in this order; metrics are the last logged value.
+    _card_settings = ("teacher_mix_alpha", "gamma", "length_normalization", "whiten_advantages",
+                      "single_step_regularization", "ppo_clip_epsilon", "ppo_epochs", "reward_scaling", "reward_clip",
+                      "importance_weight_max", "lm_loss_weight", "temperature", "max_completion_length",
+                      "learning_rate")  # fmt: skip
+    _card_metrics = ("minillm/reverse_kl", "minillm/reward_mean", "minillm/importance_weight_mean",
+                     "minillm/clip_fraction", "completions/mean_length", "completions/clipped_ratio",
+                     "loss/single_step", "loss/policy_gradient", "loss/lm", "entropy", "train_loss")  # fmt: skip
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card (MiniLLM citation, framework versions, tracker links), with a "Distillation" section: the
+        teacher, the distillation settings and the last logged metrics. `push_to_hub` and checkpoints call it too."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        card = ModelCard.load(path)
+        card.text = card.text.replace("### Framework versions", self._distillation_card_section() + "### Framework versions", 1)
+        card.save(path)
+
+    def _distillation_card_section(self) -> str:
+        teacher_name = get_config_model_id(self.accelerator.unwrap_model(self.teacher_model).config)
+        global_batch = (
+            self.args.per_device_train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
+        )
+        lines = [
+            "### Distillation",
+            "",
+            (
+                f"Teacher: `{teacher_name or 'a model object without a name'}`. Objective: sequence-level reverse KL "
+                "`KL(student || teacher)` minimised by policy gradient (MiniLLM), on completions sampled from "
+                "`teacher_mix_alpha · teacher + (1 - teacher_mix_alpha) · student`."
+            ),
+            "",
+            "| setting | value |",
+            "|---|---|",
+            *(f"| `{name}` | {getattr(self.args, name)} |" for name in self._card_settings),
+            f"| global batch (prompts per optimizer step) | {global_batch} |",
+            f"| optimizer steps | {self.state.global_step} |",
+            "",
+        ]
+        last_logged = {}
+        for entry in self.state.log_history:
+            last_logged.update({key: value for key, value in entry.items() if key in self._card_metrics})
+        if last_logged:
+            lines += ["Last logged training metrics (names as in rkd-trl's docs/logging.md):", "",
+                      "| metric | value |", "|---|---|"]  # fmt: skip
+            lines += [f"| `{name}` | {last_logged[name]:.4g} |" for name in self._card_metrics if name in last_logged]
+            lines.append("")
+        return "\n".join(lines) + "\n"
+
     # ------------------------------------------------------------------ set-up
 
     @staticmethod
@@ -247,6 +358,10 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             init_kwargs.setdefault("revision", args.teacher_model_revision)
         if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
             init_kwargs["device_map"] = None  # device_map="auto" does not mix with distributed training
+        if init_kwargs.get("quantization_config") is not None:
+            init_kwargs["quantization_config"] = teacher_quantization_config(init_kwargs["quantization_config"])
+            # A quantised model cannot be moved once loaded: load it on this process's device.
+            init_kwargs["device_map"] = {"": str(args.distributed_state.device)}
         init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         return create_model_from_path(teacher_model, **init_kwargs)
 
@@ -366,6 +481,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as student,
             unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+            root_parameters_gathered(student, self._dist),
+            root_parameters_gathered(teacher, self._dist),
         ):
             rollout = sample_teacher_mixed(
                 student,
@@ -518,21 +635,21 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-
-        sums = minillm_loss_sums(
-            hidden[completion_mask],
-            inputs["teacher_hidden"][completion_mask],
-            OutputHead(unwrapped_student, self.vocab_size),
-            OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
-            inputs["completion_ids"][completion_mask],
-            inputs["old_logprobs"][completion_mask],
-            inputs["advantages"][completion_mask],
-            inputs["importance_weights"][completion_mask],
-            temperature=self.temperature,
-            clip_epsilon=self.args.ppo_clip_epsilon,
-            chunk_size=self.args.loss_chunk_size,
-            single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
-        )
+        with root_parameters_gathered(teacher, self._dist):
+            sums = minillm_loss_sums(
+                hidden[completion_mask],
+                inputs["teacher_hidden"][completion_mask],
+                OutputHead(unwrapped_student, self.vocab_size),
+                OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
+                inputs["completion_ids"][completion_mask],
+                inputs["old_logprobs"][completion_mask],
+                inputs["advantages"][completion_mask],
+                inputs["importance_weights"][completion_mask],
+                temperature=self.temperature,
+                clip_epsilon=self.args.ppo_clip_epsilon,
+                chunk_size=self.args.loss_chunk_size,
+                single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
+            )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
         metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
