@@ -69,7 +69,8 @@ def plain_objective(case, temperature, clip_epsilon, single_step_weight):
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("single_step_weight", [1.0, 0.0])
-def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperature, single_step_weight):
+@pytest.mark.parametrize("sharded_head", [False, True], ids=["closed_form", "sharded_head"])
+def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperature, single_step_weight, sharded_head):
     """Closed-form chunked gradients equal autograd through the plain path, to 1e-5 (float32)."""
     case = random_case()
     # Advantages large enough that some ratios leave the clip range on either side.
@@ -88,6 +89,7 @@ def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperat
         case["student_hidden"], case["teacher_hidden"], case["student_head"], case["teacher_head"],
         case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
         temperature=temperature, clip_epsilon=0.2, chunk_size=chunk_size, single_step_weight=single_step_weight,
+        sharded_head=sharded_head,
     )  # fmt: skip
     chunked_grads = torch.autograd.grad(sums["objective"], [case["student_hidden"], case["student_head"].weight])
     assert torch.allclose(sums["objective"], plain_total, atol=1e-5)
@@ -128,12 +130,13 @@ def test_chunked_gradient_scales_with_the_upstream_gradient_and_flows_through_he
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
+@pytest.mark.parametrize("sharded_head", [False, True], ids=["closed_form", "sharded_head"])
+def test_all_masked_batch_gives_zero_loss_and_zero_gradient(sharded_head):
     case = random_case(n=0)
     sums = minillm_loss_sums(
         case["student_hidden"], case["teacher_hidden"], case["student_head"], case["teacher_head"],
         case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
-        temperature=1.0, clip_epsilon=0.2, chunk_size=4,
+        temperature=1.0, clip_epsilon=0.2, chunk_size=4, sharded_head=sharded_head,
     )  # fmt: skip
     total = sums["objective"]
     total.backward()
@@ -142,13 +145,14 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
 
 
 @pytest.mark.parametrize("chunk_size", [2, 100])
-def test_lm_loss_sum_equals_cross_entropy_values_and_gradients(chunk_size):
+@pytest.mark.parametrize("sharded_head", [False, True], ids=["closed_form", "sharded_head"])
+def test_lm_loss_sum_equals_cross_entropy_values_and_gradients(chunk_size, sharded_head):
     case = random_case(n=9)
     labels = case["token_ids"]
     parameters = [case["student_hidden"], case["student_head"].weight]
     expected = F.cross_entropy(case["student_head"](case["student_hidden"]), labels, reduction="sum")
     expected_grads = torch.autograd.grad(expected, parameters)
-    got = lm_loss_sum(case["student_hidden"], case["student_head"], labels, chunk_size)
+    got = lm_loss_sum(case["student_hidden"], case["student_head"], labels, chunk_size, sharded_head=sharded_head)
     got_grads = torch.autograd.grad(got, parameters)
     assert torch.allclose(got, expected, atol=1e-5)
     for a, b in zip(got_grads, expected_grads):

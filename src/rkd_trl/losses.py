@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def per_position_reverse_kl(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,44 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token):
+    """Twin of `_ChunkedHeadLoss` for a head whose parameters are sharded across processes (DeepSpeed ZeRO-3).
+
+    Such parameters exist in full only inside the head module's own forward, so their gradients must come from
+    autograd through that forward. Each chunk runs under activation checkpointing and back-propagates the same
+    closed-form logit gradient as the surrogate `Σ logits ⊙ ∂objective/∂logits`: same values and gradients, at the
+    cost of projecting every chunk again in the backward.
+    """
+
+    def chunk(hidden_chunk, start, *values):
+        logits = head(hidden_chunk)
+        value, grad_logits, statistics = chunk_objective(
+            logits.detach(), slice(start, start + hidden_chunk.size(0)), *values
+        )
+        surrogate = (logits * grad_logits).sum()
+        return value, surrogate - surrogate.detach(), *statistics
+
+    objective = hidden.sum() * 0.0  # anchored to the graph: an all-masked batch back-propagates zero gradients
+    statistics = None
+    for start in range(0, hidden.size(0), chunk_size):
+        piece = slice(start, start + chunk_size)
+        value, surrogate, *chunk_statistics = checkpoint(
+            chunk, hidden[piece], start, *(values[piece] for values in per_token), use_reentrant=False
+        )
+        objective = objective + value + surrogate
+        chunk_statistics = [part.detach() for part in chunk_statistics]
+        statistics = (
+            chunk_statistics if statistics is None else [a + b for a, b in zip(statistics, chunk_statistics)]
+        )
+    return (objective, *(statistics or []))
+
+
+def _chunked_head_loss(hidden, head, chunk_objective, chunk_size, per_token, sharded_head):
+    if sharded_head:
+        return _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token)
+    return _ChunkedHeadLoss.apply(hidden, head, chunk_objective, chunk_size, per_token, *_trainable_parameters(head))
+
+
 def _trainable_parameters(head) -> list[torch.Tensor]:
     """The head parameters to differentiate: none under `torch.no_grad()` (evaluation), where no backward follows."""
     if not torch.is_grad_enabled():
@@ -241,6 +280,7 @@ def minillm_loss_sums(
     clip_epsilon: float,
     chunk_size: int,
     single_step_weight: float = 1.0,
+    sharded_head: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sums over the `N` valid tokens of the MiniLLM terms, `chunk_size` tokens at a time (memory-bounded twin of
     `minillm_token_losses`, with the gradient of `minillm_logit_gradients` instead of autograd over the vocabulary).
@@ -251,6 +291,8 @@ def minillm_loss_sums(
         student_head, teacher_head: map hidden states to `[n, V]` float logits and expose `parameters()` (an
             `nn.Module`, or `scoring.OutputHead`); the student head's trainable parameters receive gradients.
         single_step_weight: weight `c` of the single-step sum in `objective`.
+        sharded_head: the student head's parameters are sharded across processes (DeepSpeed ZeRO-3): differentiate
+            them through the head's forward under checkpointing (`_checkpointed_head_loss`).
 
     Returns:
         `objective = Σ policy_gradient + c · Σ single_step` with gradient, and the detached sums
@@ -268,8 +310,8 @@ def minillm_loss_sums(
         return objective, grad, [sums[name] for name in TERMS]
 
     per_token = (token_ids, old_logprobs, advantages, weights)
-    objective, *statistics = _ChunkedHeadLoss.apply(
-        student_hidden, student_head, chunk_objective, chunk_size, per_token, *_trainable_parameters(student_head)
+    objective, *statistics = _chunked_head_loss(
+        student_hidden, student_head, chunk_objective, chunk_size, per_token, sharded_head
     )
     if not statistics:  # no tokens at all
         statistics = [objective.detach()] * len(TERMS)
@@ -281,6 +323,7 @@ def lm_loss_sum(
     head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
     chunk_size: int,
+    sharded_head: bool = False,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of `labels` `[N]` from hidden states `[N, H]` (the paper's `L_PT`),
     `chunk_size` tokens at a time; gradient in closed form (`softmax - onehot`), as in `minillm_loss_sums`."""
@@ -295,7 +338,5 @@ def lm_loss_sum(
         grad.scatter_add_(-1, label_chunk[:, None], grad.new_full((label_chunk.size(0), 1), -1.0))
         return total, grad, []
 
-    (total,) = _ChunkedHeadLoss.apply(
-        hidden, head, chunk_objective, chunk_size, (labels,), *_trainable_parameters(head)
-    )
+    (total,) = _chunked_head_loss(hidden, head, chunk_objective, chunk_size, (labels,), sharded_head)
     return total

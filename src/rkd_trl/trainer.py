@@ -649,6 +649,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 clip_epsilon=self.args.ppo_clip_epsilon,
                 chunk_size=self.args.loss_chunk_size,
                 single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
+                sharded_head=self._dist.is_zero3,
             )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
@@ -696,6 +697,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             OutputHead(unwrapped_student, self.vocab_size),
             labels[valid],
             self.args.loss_chunk_size,
+            sharded_head=self._dist.is_zero3,
         )
         return total, valid.sum()
 
