@@ -1,11 +1,11 @@
 """Quality benchmark: does our MiniLLM beat SFT, word-level KD, SeqKD and GKD on tasks where mode-seeking matters,
-and do its ablations hurt the way the paper's do (MiniLLM Table 4)?
+and do its ablations hurt the way the paper's ablations do?
 
 Every method starts from the same SFT-initialised student and runs the same number of optimizer steps; its learning
 rate is picked from a small sweep on a selection seed that is not reported. Everything runs on CPU, offline:
 
     PYTHONPATH=src python benchmarks/quality.py                 # full run (< 60 min on 2 cores), writes docs/
-    PYTHONPATH=src python benchmarks/quality.py --smoke         # seconds-sized run of the same code
+    PYTHONPATH=src python benchmarks/quality.py --smoke         # seconds-sized run of the same code, docs untouched
 
 Baselines are TRL's own trainers: SFT and SeqKD = `trl.SFTTrainer` (on dataset answers / on teacher samples),
 word-level KD = `GKDTrainer(lmbda=0, beta=0)` (forward KL on dataset answers), GKD = `GKDTrainer(lmbda=1)` with
@@ -48,6 +48,7 @@ from rkd_trl.metrics import (
 )
 from rkd_trl.synthetic import cached_teacher, tiny_causal_lm, train_causal_lm
 
+DEFAULT_RESULTS = "docs/benchmarks/quality_results.json"
 METHODS = [
     "SFT",
     "KD (word-level)",
@@ -72,7 +73,7 @@ class BenchmarkSettings:
     tasks: list[str] = field(default_factory=lambda: ["short", "chain"])
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     selection_seed: int = 0
-    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3])
+    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     steps: int = 200
     sft_steps: int | None = None  # None: the task's default (rkd_trl.demo.TASKS)
     batch_size: int = 16
@@ -482,14 +483,24 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny run of the same code (a test)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 3e-3])
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
     parser.add_argument("--tasks", nargs="+", default=["short", "chain"], choices=list(TASKS))
     parser.add_argument("--work-dir", default="benchmarks/.cache", help="teacher and SFT-student cache, run scratch")
-    parser.add_argument("--results", default="benchmarks/quality_results.json")
-    parser.add_argument("--docs", default="docs/benchmarks.md", help="report to write ('' for none)")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="results JSON (default: docs/benchmarks/quality_results.json; --smoke: work dir)",
+    )
+    parser.add_argument("--docs", default=None, help="report to write (default: docs/benchmarks.md; --smoke: none)")
     parser.add_argument("--reading", default="", help="file with the written reading of the results, for the report")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --results, no training")
     options = parser.parse_args(argv)
+    # A smoke run never overwrites the committed results and report unless asked to.
+    if options.results is None:
+        options.results = str(Path(options.work_dir) / "smoke_results.json") if options.smoke else DEFAULT_RESULTS
+    if options.docs is None:
+        options.docs = "" if options.smoke else "docs/benchmarks.md"
+    Path(options.work_dir).mkdir(parents=True, exist_ok=True)
     settings = BenchmarkSettings(
         tasks=options.tasks, seeds=options.seeds, steps=options.steps, learning_rates=options.learning_rates
     )
