@@ -1,9 +1,19 @@
-"""Evaluation metrics: Monte-Carlo sequence-level reverse KL, sampled answers and their validity."""
+"""Evaluation metrics for distilled students (MiniLLM §3): validity, Rouge-L, sequence-level KL, distinct-n,
+calibration and exposure bias.
 
+The pure functions (`distinct_n`, `expected_calibration_error`, `excess_accumulated_error`, ...) take tensors or
+strings and are tested against hand computations; the model-level helpers sample and score with them.
+"""
+
+from functools import cache
+from pathlib import Path
+
+import evaluate
 import torch
+import torch.nn.functional as F
 
 from .sampling import sample_teacher_mixed
-from .scoring import left_pad, shared_vocab_size
+from .scoring import left_pad, position_ids_from_mask, shared_vocab_size
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
@@ -15,7 +25,10 @@ def chat_prompt_batch(tokenizer, prompts, device="cpu"):
 
 @torch.no_grad()
 def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alpha=0.0):
-    """Sample one completion per prompt (chat-templated) from `α·p + (1-α)·q`; returns the `Rollout` and texts."""
+    """Sample one completion per prompt (chat-templated) from `α·p + (1-α)·q`; returns the `Rollout` and texts.
+
+    `alpha=0` samples from the student, `alpha=1` from the teacher; both models' log-probs are recorded either way.
+    """
     device = next(student.parameters()).device
     ids, mask = chat_prompt_batch(tokenizer, prompts, device)
     rollout = sample_teacher_mixed(
@@ -33,20 +46,146 @@ def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alp
     return rollout, texts
 
 
+def _sequence_kl(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt, alpha):
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    rollout, _ = sample_with_scores(student, teacher, tokenizer, repeated, max_new_tokens, alpha=alpha)
+    log_ratio = (rollout.student_logprobs - rollout.teacher_logprobs).sum(1)
+    per_sequence = log_ratio if alpha == 0.0 else -log_ratio
+    return {
+        "kl": per_sequence.mean().item(),
+        "kl_stderr": (per_sequence.std() / per_sequence.numel() ** 0.5).item(),
+        "length": rollout.completion_mask.sum(1).float().mean().item(),
+    }
+
+
 @torch.no_grad()
 def reverse_kl_estimate(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16):
     """Monte-Carlo `KL(q || p) = E_{y~q} Σ_t [log q(y_t|·) - log p(y_t|·)]` over whole sampled responses, averaged
-    over prompts, with its standard error and the mean response length."""
-    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-    rollout, _ = sample_with_scores(student, teacher, tokenizer, repeated, max_new_tokens, alpha=0.0)
-    per_sequence = (rollout.student_logprobs - rollout.teacher_logprobs).sum(1)
-    return {
-        "reverse_kl": per_sequence.mean().item(),
-        "reverse_kl_stderr": (per_sequence.std() / per_sequence.numel() ** 0.5).item(),
-        "length": rollout.completion_mask.sum(1).float().mean().item(),
-    }
+    over prompts, with its standard error and the mean response length (of the student's samples)."""
+    kl = _sequence_kl(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt, alpha=0.0)
+    return {"reverse_kl": kl["kl"], "reverse_kl_stderr": kl["kl_stderr"], "length": kl["length"]}
+
+
+@torch.no_grad()
+def forward_kl_estimate(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16):
+    """Monte-Carlo `KL(p || q) = E_{y~p} Σ_t [log p(y_t|·) - log q(y_t|·)]` over whole teacher-sampled responses,
+    with its standard error and the mean response length (of the teacher's samples)."""
+    kl = _sequence_kl(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt, alpha=1.0)
+    return {"forward_kl": kl["kl"], "forward_kl_stderr": kl["kl_stderr"], "teacher_length": kl["length"]}
 
 
 def validity(task, prompts, answers) -> float:
     """Share of answers that are exactly one of the task's valid answers for their prompt."""
     return sum(task.is_valid(p, a) for p, a in zip(prompts, answers, strict=True)) / len(prompts)
+
+
+@cache
+def _rouge_l_module():
+    # Loaded by path from the package: `evaluate.load("rouge")` would download its script from the Hub.
+    return evaluate.load(str(Path(__file__).with_name("rouge_l.py")))
+
+
+def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
+    """Mean Rouge-L F-measure (`evaluate` + `rouge_score`) of each prediction against its best reference."""
+    return _rouge_l_module().compute(predictions=predictions, references=references)["rougeL"]
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct-n: unique white-space n-grams over all n-grams in `texts` (0 when there are none)."""
+    ngrams = [tuple(words[i : i + n]) for words in map(str.split, texts) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
+
+
+def expected_calibration_error(confidences: torch.Tensor, correct: torch.Tensor, num_bins: int = 10) -> float:
+    """ECE = Σ_b |B_b|/N · |accuracy(B_b) - confidence(B_b)| over `num_bins` equal-width confidence bins.
+
+    Args:
+        confidences: `[N]` predicted probabilities of the predicted class, in [0, 1].
+        correct: `[N]` whether each prediction was right.
+    """
+    confidences = confidences.flatten().double()
+    correct = correct.flatten().double()
+    # Bin b holds confidences in (b/num_bins, (b+1)/num_bins]; confidence 0 goes to the first bin.
+    bins = (torch.ceil(confidences * num_bins).long() - 1).clamp(0, num_bins - 1)
+    gaps = torch.zeros(num_bins, dtype=torch.float64)
+    gaps.index_add_(0, bins, correct - confidences)
+    return (gaps.abs().sum() / confidences.numel()).item()
+
+
+def excess_accumulated_error(student_prefix_errors: torch.Tensor, teacher_prefix_errors: torch.Tensor) -> torch.Tensor:
+    """ExAccErr(l) of MiniLLM §3.3 (after Arora et al., 2022) for every length `l = 1..T`, in percent.
+
+    `R(l) = Σ_{t≤l} E_{y<t~q} KL(p(·|y<t) || q(·|y<t))` is the error the student accumulates on its own prefixes,
+    `ε(l) = 1/l Σ_{t≤l} E_{y<t~p} KL(p(·|y<t) || q(·|y<t))` its mean per-step error on the teacher's prefixes, and
+    `ExAccErr(l) = (R(l) - l·ε(l)) / (l·ε(l)) · 100`: how much worse generating from its own prefixes is.
+
+    Args:
+        student_prefix_errors, teacher_prefix_errors: `[N, T]` per-position `KL(p || q)` on prefixes sampled from the
+            student and from the teacher; positions after a response ended are 0 (an ended response adds no error).
+
+    Returns:
+        `[T]` ExAccErr(l) for l = 1..T.
+    """
+    student_accumulated = student_prefix_errors.mean(0).cumsum(0)
+    teacher_accumulated = teacher_prefix_errors.mean(0).cumsum(0)
+    return (student_accumulated - teacher_accumulated) / teacher_accumulated * 100
+
+
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab_size):
+    """Full next-token log-probs `[B, T, vocab_size]` of `model` at every completion position (one forward).
+
+    Args:
+        prompt_ids, prompt_mask: `[B, P]` left-padded prompts.
+        completion_ids, completion_mask: `[B, T]` completions (as in a `Rollout`).
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).logits
+    prompt_length = prompt_ids.size(1)
+    return F.log_softmax(logits[:, prompt_length - 1 : -1, :vocab_size].float(), dim=-1)
+
+
+@torch.no_grad()
+def _teacher_and_student_distributions(student, teacher, tokenizer, prompts, max_new_tokens, alpha):
+    """Sample one response per prompt from `α·p + (1-α)·q`; return its rollout and both models' full log-probs."""
+    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    rollout, _ = sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alpha=alpha)
+    ids, mask = chat_prompt_batch(tokenizer, prompts, rollout.completion_ids.device)
+    completion = (rollout.completion_ids, rollout.completion_mask)
+    student_logprobs = completion_logprobs(student, ids, mask, *completion, vocab_size)
+    teacher_logprobs = completion_logprobs(teacher, ids, mask, *completion, vocab_size)
+    return rollout, student_logprobs, teacher_logprobs
+
+
+def _per_position_forward_kl(rollout, student_logprobs, teacher_logprobs, max_new_tokens):
+    """`[N, max_new_tokens]` exact `KL(p || q)` at every valid position, 0 after the end of each response."""
+    kl = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1) * rollout.completion_mask
+    return F.pad(kl, (0, max_new_tokens - kl.size(1)))
+
+
+@torch.no_grad()
+def exposure_bias(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16) -> torch.Tensor:
+    """ExAccErr(l), l = 1..max_new_tokens (`excess_accumulated_error`), from student- and teacher-sampled prefixes."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    errors = []
+    for alpha in (0.0, 1.0):
+        scored = _teacher_and_student_distributions(student, teacher, tokenizer, repeated, max_new_tokens, alpha)
+        errors.append(_per_position_forward_kl(*scored, max_new_tokens))
+    return excess_accumulated_error(*errors)
+
+
+@torch.no_grad()
+def next_token_calibration(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16, num_bins=10):
+    """ECE of the student's most likely next token on teacher-sampled responses: at every position its top-1
+    probability is the confidence, and it is correct when the teacher's sample is that token."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    rollout, student_logprobs, _ = _teacher_and_student_distributions(
+        student, teacher, tokenizer, repeated, max_new_tokens, alpha=1.0
+    )
+    top_logprobs, top_tokens = student_logprobs.max(-1)
+    valid = rollout.completion_mask.bool()
+    correct = top_tokens[valid] == rollout.completion_ids[valid]
+    return expected_calibration_error(top_logprobs[valid].exp(), correct, num_bins)
