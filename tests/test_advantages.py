@@ -68,3 +68,25 @@ def test_importance_weights():
     assert torch.allclose(got, torch.tensor([[2.0, 0.5, 1.0]]))
     capped = importance_weights(student, sampling, mask, max_weight=1.5)
     assert math.isclose(capped[0, 0].item(), 1.5)
+
+
+def test_whiten_over_processes_equals_whitening_the_whole_batch():
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(6, 5, generator=generator)
+    mask = (torch.rand(6, 5, generator=generator) > 0.3).long()
+    whole = whiten(values, mask)
+    global_mean = (values * mask).sum() / mask.sum()
+    halves = [(values[:3], mask[:3]), (values[3:], mask[3:])]
+    for mine, other in ((0, 1), (1, 0)):
+        # An all-reduce sum between the two halves, by hand: each call adds what the other half contributes to it.
+        other_values, other_mask = halves[other][0], halves[other][1].float()
+        contributions = iter(
+            [
+                torch.stack([other_mask.sum(), (other_values * other_mask).sum()]),
+                (((other_values - global_mean) * other_mask) ** 2).sum(),
+            ]
+        )
+        got = whiten(*halves[mine], sum_over_processes=lambda tensor: tensor + next(contributions))
+        assert torch.allclose(got, whole[:3] if mine == 0 else whole[3:], atol=1e-6)
+    # Without the reduction each half is whitened with its own statistics, which differ.
+    assert not torch.allclose(whiten(*halves[0]), whole[:3], atol=1e-3)

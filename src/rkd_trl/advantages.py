@@ -4,6 +4,8 @@ All functions take `[B, T]` tensors over completion positions with a `mask` (1 o
 on masked positions. Everything here is computed once per batch of rollouts and carries no gradient.
 """
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -52,17 +54,25 @@ def discounted_returns(
     return returns * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Shift and scale `values` to zero mean, unit variance over the valid positions (reference `whiten`).
 
-    Fewer than two valid positions leave nothing to normalise against: the result is 0 there.
+    `sum_over_processes` (e.g. an all-reduce sum) makes the mean and variance those of the valid positions of every
+    process, so that the result does not depend on how the batch is split over processes. Fewer than two valid
+    positions leave nothing to normalise against: the result is 0 there.
     """
+    total = sum_over_processes or (lambda tensor: tensor)
     mask = mask.to(values.dtype)
-    count = mask.sum()
+    count, value_sum = total(torch.stack([mask.sum(), (values * mask).sum()]))
     if count < 2:
         return torch.zeros_like(values)
-    mean = (values * mask).sum() / count
-    variance = (((values - mean) * mask) ** 2).sum() / (count - 1)
+    mean = value_sum / count
+    variance = total((((values - mean) * mask) ** 2).sum()) / (count - 1)
     return (values - mean) * torch.rsqrt(variance + eps) * mask
 
 
@@ -94,10 +104,12 @@ def advantages_from_rollout(
     whiten_advantages: bool,
     reward_scaling: float = 1.0,
     reward_clip: float | None = None,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards → (length-normalised, discounted) returns → optional whitening. Returns `(advantages, rewards)`."""
+    """Rewards → (length-normalised, discounted) returns → optional whitening (over the valid tokens of every
+    process when `sum_over_processes` is given, see `whiten`). Returns `(advantages, rewards)`."""
     rewards = token_rewards(teacher_logprobs, student_logprobs, mask, reward_scaling, reward_clip)
     advantages = discounted_returns(rewards, mask, gamma, include_current, length_normalized)
     if whiten_advantages:
-        advantages = whiten(advantages, mask)
+        advantages = whiten(advantages, mask, sum_over_processes=sum_over_processes)
     return advantages, rewards

@@ -30,9 +30,9 @@ class ReverseKLDistillConfig(DistillationConfig):
         length_normalization (`bool`, *optional*, defaults to `True`):
             Divide the return at each position by the number of rewards it sums (paper Eq. 7, `R^Norm`).
         whiten_advantages (`bool`, *optional*, defaults to `True`):
-            Whiten the returns (zero mean, unit variance over the valid tokens of the generation batch) before the
-            policy-gradient loss (reference; not in the paper). A variance reduction that leaves the expected
-            gradient's direction unbiased up to a per-batch scale.
+            Whiten the returns (zero mean, unit variance over the valid tokens of the generation batch, all processes
+            together) before the policy-gradient loss (reference; not in the paper). A variance reduction that leaves
+            the expected gradient's direction unbiased up to a per-batch scale.
         single_step_regularization (`bool`, *optional*, defaults to `True`):
             Add the exact per-position reverse KL `KL(q(·|y<t) || p(·|y<t))` summed over the vocabulary (paper
             Eq. 5, `(∇L)_Single`). When on, the policy-gradient part uses the future return `R_{t+1}` (paper);

@@ -510,6 +510,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             whiten_advantages=self.args.whiten_advantages,
             reward_scaling=self.args.reward_scaling,
             reward_clip=self.args.reward_clip,
+            sum_over_processes=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
         )
         weights = importance_weights(
             rollout.student_logprobs, rollout.sampling_logprobs, mask, self.args.importance_weight_max
