@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv, install the CPU build of
-# torch first (so nothing pulls CUDA wheels), then this package with its test extras.
+# torch first (so nothing pulls CUDA wheels), then this package with its test extras (deepspeed included: the
+# ZeRO-3 two-process test runs on CPU).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,wandb]"
+	$(BIN)/pip install --quiet -e ".[dev,wandb,deepspeed]"
 	touch $@
 
 setup: $(VENV)/.installed
