@@ -27,7 +27,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 from trl import DistillationConfig, DistillationTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -35,7 +34,7 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
 from rkd_trl import trainer as rkd_trainer_module
 from rkd_trl.scoring import language_model_backbone
-from rkd_trl.synthetic import build_tokenizer
+from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import DOCS, write_section
@@ -47,23 +46,7 @@ def build_models(tokenizer, hidden_size: int, teacher_layers: int, student_layer
     """A random teacher and student over the tokenizer's vocabulary (Llama, 4 heads, long enough positions)."""
 
     def model(layers, seed):
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=hidden_size * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            tie_word_embeddings=False,
-        )
-        torch.manual_seed(seed)
-        lm = LlamaForCausalLM(config)
-        lm.generation_config.eos_token_id = tokenizer.eos_token_id
-        lm.generation_config.pad_token_id = tokenizer.pad_token_id
+        lm = tiny_causal_lm(tokenizer, hidden_size, layers, seed=seed, max_position_embeddings=512)
         return lm.eval()
 
     return model(teacher_layers, 1), model(student_layers, 2)

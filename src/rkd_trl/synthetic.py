@@ -49,6 +49,7 @@ def tiny_causal_lm(
     num_heads: int = 4,
     padded_vocab_rows: int = 0,
     seed: int = 0,
+    max_position_embeddings: int = 128,
 ) -> LlamaForCausalLM:
     """A small Llama built from config (random weights) over the tokenizer's vocabulary.
 
@@ -61,7 +62,7 @@ def tiny_causal_lm(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
-        max_position_embeddings=128,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
