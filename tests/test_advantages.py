@@ -70,6 +70,11 @@ def test_importance_weights():
     assert math.isclose(capped[0, 0].item(), 1.5)
 
 
+def adding_in_turn(contributions):
+    """A stand-in for an all-reduce sum: each call adds the next of the other process's `contributions`."""
+    return lambda tensor: tensor + next(contributions)
+
+
 def test_whiten_over_processes_equals_whitening_the_whole_batch():
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(6, 5, generator=generator)
@@ -86,7 +91,7 @@ def test_whiten_over_processes_equals_whitening_the_whole_batch():
                 (((other_values - global_mean) * other_mask) ** 2).sum(),
             ]
         )
-        got = whiten(*halves[mine], sum_over_processes=lambda tensor: tensor + next(contributions))
+        got = whiten(*halves[mine], sum_over_processes=adding_in_turn(contributions))
         assert torch.allclose(got, whole[:3] if mine == 0 else whole[3:], atol=1e-6)
     # Without the reduction each half is whitened with its own statistics, which differ.
     assert not torch.allclose(whiten(*halves[0]), whole[:3], atol=1e-3)

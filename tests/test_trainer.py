@@ -121,9 +121,9 @@ def test_gkd_script_runs_after_swapping_class_names(tmp_path, make_student, teac
         "teacher": teacher if teacher_as == "object" else str(tmp_path / "teacher"),
     }  # fmt: skip
 
-    exec(GKD_STYLE_SCRIPT, {**namespace, "Config": GKDConfig, "Trainer": GKDTrainer})  # the script is valid GKD
+    exec(GKD_STYLE_SCRIPT, {**namespace, "Config": GKDConfig, "Trainer": GKDTrainer})  # noqa: S102 (valid GKD)
     ours = {**namespace, "Config": ReverseKLDistillConfig, "Trainer": ReverseKLDistillTrainer}
-    exec(GKD_STYLE_SCRIPT, ours)
+    exec(GKD_STYLE_SCRIPT, ours)  # noqa: S102 (the same script, our classes)
 
     trainer = ours["trainer"]
     lora = {n: p for n, p in trainer.model.named_parameters() if "lora_B" in n}

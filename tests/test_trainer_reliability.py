@@ -165,7 +165,7 @@ def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, ma
 
 
 def run(make_config, make_student, teacher, tokenizer, task, stop_at=None, resume=None, **config):
-    settings = dict(max_steps=4, save_strategy="steps", save_steps=1, learning_rate=3e-3)
+    settings = {"max_steps": 4, "save_strategy": "steps", "save_steps": 1, "learning_rate": 3e-3}
     settings.update(config)
     trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset(repeats=2), **settings)
     if stop_at is not None:
@@ -185,8 +185,8 @@ def test_same_seed_same_result(make_config, make_student, teacher, tokenizer, ta
 @pytest.mark.parametrize(
     "stop_at, config",
     [
-        (2, dict(gradient_accumulation_steps=2, per_device_train_batch_size=2)),
-        (1, dict(ppo_epochs=2)),  # interrupted in the middle of a rollout-reuse window
+        (2, {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 2}),
+        (1, {"ppo_epochs": 2}),  # interrupted in the middle of a rollout-reuse window
     ],
     ids=["grad_accumulation", "mid_ppo_window"],
 )
@@ -333,9 +333,9 @@ def test_bad_input_is_rejected_when_the_trainer_is_built(make_config, make_stude
     # columns, conversations not ending with the assistant, prompts over `max_length`, a teacher with another
     # tokenizer (test_trainer.py).
     change, message = BAD_INPUTS[case]
-    kwargs = dict(
-        model=make_student(), teacher_model=teacher, args=make_config(), train_dataset=task.prompt_dataset(),
-        processing_class=tokenizer,
-    )  # fmt: skip
+    kwargs = {
+        "model": make_student(), "teacher_model": teacher, "args": make_config(),
+        "train_dataset": task.prompt_dataset(), "processing_class": tokenizer,
+    }  # fmt: skip
     with pytest.raises((ValueError, TypeError), match=message):
         ReverseKLDistillTrainer(**change(kwargs, make_config))

@@ -12,6 +12,7 @@ import shutil
 import textwrap
 import warnings
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from accelerate.utils import gather_object
@@ -176,9 +177,9 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             compatibility; they have no meaning here and warn when given.
     """
 
-    _tag_names = ["trl", "distillation", "minillm", "reverse-kl", "rkd-trl"]
+    _tag_names: ClassVar[list[str]] = ["trl", "distillation", "minillm", "reverse-kl", "rkd-trl"]
     _name = "Reverse-KL Distillation (MiniLLM)"
-    _paper = {
+    _paper: ClassVar[dict[str, str]] = {
         "title": "MiniLLM: Knowledge Distillation of Large Language Models",
         "id": "2306.08543",
         # docstyle-ignore
