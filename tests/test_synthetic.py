@@ -19,6 +19,16 @@ def test_multi_answer_task_answers_and_checker():
     assert not task.is_valid("q0", "zz")
 
 
+def test_multi_answer_task_with_variable_lengths():
+    task = MultiAnswerTask(num_prompts=30, answers_per_prompt=4, answer_length=6, min_answer_length=1, seed=0)
+    lengths = [len(answer.split()) for answers in task.answers.values() for answer in answers]
+    assert min(lengths) >= 1 and max(lengths) <= 6
+    assert len(set(lengths)) >= 4  # lengths really vary
+    assert all(len(answers) == 4 for answers in task.answers.values())
+    fixed = MultiAnswerTask(num_prompts=30, answers_per_prompt=4, answer_length=6, seed=0)
+    assert {len(answer.split()) for answers in fixed.answers.values() for answer in answers} == {6}
+
+
 def test_chain_task_is_a_tree_of_segments():
     task = ChainTask(num_prompts=3, num_steps=3, branches=2, segment_length=2, num_letters=5, seed=2)
     for prompt in task.prompts:

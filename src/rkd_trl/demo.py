@@ -39,6 +39,14 @@ TASKS = {
         "student": {"hidden_size": 8, "num_layers": 1, "num_heads": 2},
         "sft_steps": 600,
     },
+    "varlen": {
+        "make": lambda seed: MultiAnswerTask(
+            num_prompts=24, answers_per_prompt=4, answer_length=6, min_answer_length=1, num_letters=8, seed=seed
+        ),
+        "teacher": {"hidden_size": 64, "num_layers": 2, "steps": 1500},
+        "student": {"hidden_size": 8, "num_layers": 1, "num_heads": 2},
+        "sft_steps": 600,
+    },
     "chain": {
         "make": lambda seed: ChainTask(
             num_prompts=6, num_steps=4, branches=2, segment_length=2, num_letters=6, seed=seed

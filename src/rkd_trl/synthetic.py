@@ -127,13 +127,18 @@ class SyntheticTask:
 
 @dataclass
 class MultiAnswerTask(SyntheticTask):
-    """Short answers: prompts `q<i>` each with `answers_per_prompt` valid answers of `answer_length` letters."""
+    """Short answers: prompts `q<i>` each with `answers_per_prompt` valid answers of `answer_length` letters.
+
+    With `min_answer_length` set, each answer's length is drawn from `min_answer_length..answer_length` instead, so
+    that valid answers differ in length (the setting where a bias toward short responses can show).
+    """
 
     num_prompts: int = 12
     answers_per_prompt: int = 3
     answer_length: int = 3
     num_letters: int = 8
     seed: int = 0
+    min_answer_length: int | None = None
     answers: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self):
@@ -142,7 +147,10 @@ class MultiAnswerTask(SyntheticTask):
         for index in range(self.num_prompts):
             options = set()
             while len(options) < self.answers_per_prompt:
-                options.add(" ".join(rng.choice(self.letters) for _ in range(self.answer_length)))
+                length = self.answer_length
+                if self.min_answer_length is not None:
+                    length = rng.randint(self.min_answer_length, self.answer_length)
+                options.add(" ".join(rng.choice(self.letters) for _ in range(length)))
             self.answers[f"q{index}"] = sorted(options)
 
 
