@@ -2,6 +2,7 @@
 uninterrupted one does, and bad input fails before any step."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -159,6 +160,19 @@ def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, ma
     trainer.is_deepspeed_enabled = True
     with pytest.raises(FloatingPointError, match="NaN/inf at this step under DeepSpeed"):
         trainer.compute_loss(trainer.model, inputs)
+
+
+def test_sharded_decoding_that_could_hang_is_rejected(make_config, make_student, teacher, tokenizer, task):
+    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 runs in test_distributed).
+    trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="FSDP is not supported: the teacher-mixed sampler"):
+        trainer._check_distributed_setup(trainer.args)
+    trainer.is_fsdp_enabled = False
+    trainer._dist = SimpleNamespace(is_zero3=True)
+    trainer.args.ds3_gather_for_generation = False
+    with pytest.raises(ValueError, match="ds3_gather_for_generation=False is not supported"):
+        trainer._check_distributed_setup(trainer.args)
 
 
 # ---------------------------------------------------------------- determinism, resume, checkpoints

@@ -152,13 +152,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token):
+def _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token, min_chunks=0):
     """Twin of `_ChunkedHeadLoss` for a head whose parameters are sharded across processes (DeepSpeed ZeRO-3).
 
     Such parameters exist in full only inside the head module's own forward, so their gradients must come from
     autograd through that forward. Each chunk runs under activation checkpointing and back-propagates the same
     closed-form logit gradient as the surrogate `Σ logits ⊙ ∂objective/∂logits`: same values and gradients, at the
-    cost of projecting every chunk again in the backward.
+    cost of projecting every chunk again in the backward. Every head call gathers the parameters collectively, so
+    all processes must make the same number of calls: `min_chunks` (the largest chunk count over processes) pads
+    the loop with empty chunks.
     """
 
     def chunk(hidden_chunk, start, *values):
@@ -171,10 +173,10 @@ def _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token
 
     objective = hidden.sum() * 0.0  # anchored to the graph: an all-masked batch back-propagates zero gradients
     statistics = None
-    for start in range(0, hidden.size(0), chunk_size):
-        piece = slice(start, start + chunk_size)
+    for index in range(max(chunk_count(hidden.size(0), chunk_size), min_chunks)):
+        piece = slice(index * chunk_size, (index + 1) * chunk_size)  # empty past the data
         value, surrogate, *chunk_statistics = checkpoint(
-            chunk, hidden[piece], start, *(values[piece] for values in per_token), use_reentrant=False
+            chunk, hidden[piece], piece.start, *(values[piece] for values in per_token), use_reentrant=False
         )
         objective = objective + value + surrogate
         chunk_statistics = [part.detach() for part in chunk_statistics]
@@ -184,9 +186,14 @@ def _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token
     return (objective, *(statistics or []))
 
 
-def _chunked_head_loss(hidden, head, chunk_objective, chunk_size, per_token, sharded_head):
+def chunk_count(num_tokens: int, chunk_size: int) -> int:
+    """Number of `chunk_size` chunks the chunked losses split `num_tokens` tokens into."""
+    return -(-num_tokens // chunk_size)
+
+
+def _chunked_head_loss(hidden, head, chunk_objective, chunk_size, per_token, sharded_head, min_chunks):
     if sharded_head:
-        return _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token)
+        return _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token, min_chunks)
     return _ChunkedHeadLoss.apply(hidden, head, chunk_objective, chunk_size, per_token, *_trainable_parameters(head))
 
 
@@ -281,6 +288,7 @@ def minillm_loss_sums(
     chunk_size: int,
     single_step_weight: float = 1.0,
     sharded_head: bool = False,
+    min_chunks: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Sums over the `N` valid tokens of the MiniLLM terms, `chunk_size` tokens at a time (memory-bounded twin of
     `minillm_token_losses`, with the gradient of `minillm_logit_gradients` instead of autograd over the vocabulary).
@@ -293,6 +301,8 @@ def minillm_loss_sums(
         single_step_weight: weight `c` of the single-step sum in `objective`.
         sharded_head: the student head's parameters are sharded across processes (DeepSpeed ZeRO-3): differentiate
             them through the head's forward under checkpointing (`_checkpointed_head_loss`).
+        min_chunks: with `sharded_head`, run at least this many chunks (the largest count over processes), so that
+            every process makes the same number of collective head calls.
 
     Returns:
         `objective = Σ policy_gradient + c · Σ single_step` with gradient, and the detached sums
@@ -311,7 +321,7 @@ def minillm_loss_sums(
 
     per_token = (token_ids, old_logprobs, advantages, weights)
     objective, *statistics = _chunked_head_loss(
-        student_hidden, student_head, chunk_objective, chunk_size, per_token, sharded_head
+        student_hidden, student_head, chunk_objective, chunk_size, per_token, sharded_head, min_chunks
     )
     if not statistics:  # no tokens at all
         statistics = [objective.detach()] * len(TERMS)
@@ -324,6 +334,7 @@ def lm_loss_sum(
     labels: torch.Tensor,
     chunk_size: int,
     sharded_head: bool = False,
+    min_chunks: int = 0,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy of `labels` `[N]` from hidden states `[N, H]` (the paper's `L_PT`),
     `chunk_size` tokens at a time; gradient in closed form (`softmax - onehot`), as in `minillm_loss_sums`."""
@@ -338,5 +349,5 @@ def lm_loss_sum(
         grad.scatter_add_(-1, label_chunk[:, None], grad.new_full((label_chunk.size(0), 1), -1.0))
         return total, grad, []
 
-    (total,) = _chunked_head_loss(hidden, head, chunk_objective, chunk_size, (labels,), sharded_head)
+    (total,) = _chunked_head_loss(hidden, head, chunk_objective, chunk_size, (labels,), sharded_head, min_chunks)
     return total

@@ -11,14 +11,12 @@ import os
 import shutil
 import textwrap
 import warnings
-from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from huggingface_hub import ModelCard
-from torch.distributed.fsdp import FSDPModule
 from transformers import AutoTokenizer, BitsAndBytesConfig
 from transformers.quantizers import AutoQuantizationConfig
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -39,7 +37,7 @@ from trl.trainer.utils import (
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
-from .losses import lm_loss_sum, minillm_loss_sums
+from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
@@ -114,27 +112,6 @@ def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> N
             "weights. Use data parallelism (examples/accelerate/multi_gpu.yaml), where each process holds the "
             "whole quantised teacher, or an unquantised teacher sharded by ZeRO-3 / FSDP."
         )
-
-
-@contextmanager
-def root_parameters_gathered(model: torch.nn.Module, backend: DistributedBackend):
-    """Gather the parameters an FSDP root module holds itself (embeddings, final norm, LM head) for direct calls.
-
-    FSDP gathers a sharded module's own parameters only inside that module's forward. The sampler and the loss call
-    the backbone and the LM head directly, never the root's forward, so the root is gathered around those calls:
-    FSDP2 with `unshard`/`reshard`, FSDP1 with trl's `summon_full_params(recurse=False)`. Decoder layers sharded on
-    their own still gather through their forward hooks, one layer at a time. DeepSpeed ZeRO-3 gathers every module
-    through its hooks and needs nothing here; without FSDP this is a no-op.
-    """
-    if backend.fsdp_version == 2 and isinstance(model, FSDPModule):
-        model.unshard()
-        try:
-            yield
-        finally:
-            model.reshard()
-    else:
-        with backend.summon_full_params(model, recurse=False):
-            yield
 
 
 class ReverseKLDistillTrainer(DistillationTrainer):
@@ -265,6 +242,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         )
         if self._is_vlm:
             raise ValueError("Vision-language models are not supported: give a text-only causal LM student.")
+        self._check_distributed_setup(args)
         self._check_tokenizer(train_dataset)
         if teacher_source is not None:
             self._check_teacher_tokenizer(teacher_source, args)
@@ -365,6 +343,24 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             init_kwargs["device_map"] = {"": str(args.distributed_state.device)}
         init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         return create_model_from_path(teacher_model, **init_kwargs)
+
+    def _check_distributed_setup(self, args):
+        # The teacher-mixed decode loop calls both models once per token, and each process stops when its own
+        # completions have ended. With parameters gathered per layer at every call, processes would then make
+        # different numbers of collective calls and wait for each other forever.
+        if self.is_fsdp_enabled:
+            raise ValueError(
+                "FSDP is not supported: the teacher-mixed sampler calls the models token by token outside their root "
+                "forward, and FSDP gathers parameters per layer at every call, which needs every process to decode the "
+                "same number of steps. Use DeepSpeed ZeRO-3 (examples/accelerate/zero3.yaml), which gathers each "
+                "model once for the whole decode loop, or DDP (examples/accelerate/multi_gpu.yaml)."
+            )
+        if self._dist.is_zero3 and not args.ds3_gather_for_generation:
+            raise ValueError(
+                "ds3_gather_for_generation=False is not supported: the teacher-mixed sampler would gather ZeRO-3 "
+                "parameters layer by layer at every token, and processes whose completions end at different steps "
+                "would wait for each other forever. Keep ds3_gather_for_generation=True (the default)."
+            )
 
     @staticmethod
     def _require_completions(dataset):
@@ -482,8 +478,6 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
             ) as student,
             unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
-            root_parameters_gathered(student, self._dist),
-            root_parameters_gathered(teacher, self._dist),
         ):
             rollout = sample_teacher_mixed(
                 student,
@@ -637,22 +631,22 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with root_parameters_gathered(teacher, self._dist):
-            sums = minillm_loss_sums(
-                hidden[completion_mask],
-                inputs["teacher_hidden"][completion_mask],
-                OutputHead(unwrapped_student, self.vocab_size),
-                OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
-                inputs["completion_ids"][completion_mask],
-                inputs["old_logprobs"][completion_mask],
-                inputs["advantages"][completion_mask],
-                inputs["importance_weights"][completion_mask],
-                temperature=self.temperature,
-                clip_epsilon=self.args.ppo_clip_epsilon,
-                chunk_size=self.args.loss_chunk_size,
-                single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
-                sharded_head=self._dist.is_zero3,
-            )
+        sums = minillm_loss_sums(
+            hidden[completion_mask],
+            inputs["teacher_hidden"][completion_mask],
+            OutputHead(unwrapped_student, self.vocab_size),
+            OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
+            inputs["completion_ids"][completion_mask],
+            inputs["old_logprobs"][completion_mask],
+            inputs["advantages"][completion_mask],
+            inputs["importance_weights"][completion_mask],
+            temperature=self.temperature,
+            clip_epsilon=self.args.ppo_clip_epsilon,
+            chunk_size=self.args.loss_chunk_size,
+            single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
+            sharded_head=self._dist.is_zero3,
+            min_chunks=self._max_chunk_count(num_tokens),
+        )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
         metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
@@ -667,6 +661,14 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             metrics["loss/lm"] = (lm_sum.detach(), lm_tokens.float())
         self._pending_loss_metrics = metrics
         return loss, sums["entropy"], num_tokens
+
+    def _max_chunk_count(self, num_tokens: torch.Tensor) -> int:
+        """Under ZeRO-3 every LM-head call gathers parameters collectively, so each process runs the loss over the
+        largest chunk count of all processes (`losses._checkpointed_head_loss`); elsewhere chunks are local."""
+        if not self._dist.is_zero3:
+            return 0
+        count = torch.tensor([chunk_count(int(num_tokens), self.args.loss_chunk_size)], device=self.accelerator.device)
+        return int(self.accelerator.gather(count).max())
 
     def _completion_hidden_states(self, unwrapped_student, inputs):
         """Student final hidden states that predict each completion token: `[B, C, H]`.
@@ -700,6 +702,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             labels[valid],
             self.args.loss_chunk_size,
             sharded_head=self._dist.is_zero3,
+            min_chunks=self._max_chunk_count(valid.sum()),
         )
         return total, valid.sum()
 
@@ -721,15 +724,20 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         nonfinite = torch.zeros(1, device=self.accelerator.device)
         if window_nonfinite is not None:
             nonfinite = nonfinite + window_nonfinite.float()
+        # With float16 loss scaling, overflowing gradients are routine: the GradScaler skips those steps and lowers
+        # its scale, and it must see them to do so. Only the loss is checked then, and the gradients are left alone.
+        scaled = self.accelerator.scaler is not None
         # FSDP2 keeps gradients as DTensor shards: check the local shard (every process checks its own).
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
         grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
         if grads:
-            nonfinite = nonfinite + (~torch.stack([g.isfinite().all() for g in grads]).all()).float()
+            finite = torch.stack([g.isfinite().all().to(nonfinite.device) for g in grads]).all()
+            nonfinite = nonfinite + (~finite).float()
         if self.accelerator.gather(nonfinite).max() == 0:
             self._nonfinite_streak = 0
         else:
-            model.zero_grad(set_to_none=True)
+            if not scaled:
+                model.zero_grad(set_to_none=True)
             self._skipped_steps += 1
             self._nonfinite_streak += 1
             if self._nonfinite_streak > self.args.max_consecutive_nonfinite_steps:
@@ -767,8 +775,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         self.accelerator.wait_for_everyone()
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final_dir = os.path.join(run_dir, name)
+        staged_dir = os.path.join(staging_dir, name)
+        if self.state.best_model_checkpoint == staged_dir:  # set inside the parent's save, on every process
+            self.state.best_model_checkpoint = final_dir
         if self.args.should_save:
-            self._publish_checkpoint(os.path.join(staging_dir, name), final_dir)
+            self._publish_checkpoint(staged_dir, final_dir)
             os.rmdir(staging_dir)
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -784,8 +795,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if os.path.isdir(final_dir):  # the same step saved again (e.g. after resuming): replace it
             shutil.rmtree(final_dir)
         os.replace(staged_dir, final_dir)
-        if self.state.best_model_checkpoint == staged_dir:
-            self.state.best_model_checkpoint = final_dir
+        if self.state.best_model_checkpoint == final_dir:  # the state file was written with the staged path
             self.state.save_to_json(os.path.join(final_dir, "trainer_state.json"))
 
     def _get_output_dir(self, trial):
