@@ -727,9 +727,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         # With float16 loss scaling, overflowing gradients are routine: the GradScaler skips those steps and lowers
         # its scale, and it must see them to do so. Only the loss is checked then, and the gradients are left alone.
         scaled = self.accelerator.scaler is not None
-        # FSDP2 keeps gradients as DTensor shards: check the local shard (every process checks its own).
         grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
-        grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
         if grads:
             finite = torch.stack([g.isfinite().all().to(nonfinite.device) for g in grads]).all()
             nonfinite = nonfinite + (~finite).float()
