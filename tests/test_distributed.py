@@ -92,3 +92,21 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path,
     # A launch that silently ran one process would train on a global batch of 4, not 8, and not match.
     # Measured: DDP ~1e-7, ZeRO-3 ~4e-6 (float32 reduction order; weights moved by > 1).
     assert difference < 1e-4 * max(1.0, moved), (difference, moved)
+
+
+def test_every_process_ends_with_the_published_best_checkpoint(tmp_path):
+    # Checkpoints are written under a staging folder and renamed; the best-checkpoint path recorded during the save
+    # must be the final one on every process, not only on the one that renames.
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "examples/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
+        str(REPO / "tests" / "distributed_best_checkpoint.py"), str(tmp_path / "out"),
+    ]  # fmt: skip
+    result = subprocess.run(launch, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = sorted(line for line in result.stdout.splitlines() if "best checkpoint:" in line)
+    assert len(reported) == 2, result.stdout[-2000:]
+    for line in reported:
+        best = line.split("best checkpoint: ")[1]
+        assert os.path.dirname(best) == str(tmp_path / "out") and os.path.basename(best).startswith("checkpoint-")
