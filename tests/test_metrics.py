@@ -10,6 +10,7 @@ from rkd_trl.metrics import (
     chat_prompt_batch,
     completion_logprobs,
     distinct_n,
+    exact_match,
     excess_accumulated_error,
     expected_calibration_error,
     exposure_bias,
@@ -28,6 +29,12 @@ def test_rouge_l_matches_hand_computed_lcs():
     # scores less, so the best reference counts. "x" vs "y" shares nothing: 0.
     assert rouge_l(["a b c d", "x"], [["a c d", "b"], ["y"]]) == pytest.approx((6 / 7 + 0) / 2)
     assert rouge_l(["a b"], [["a b"]]) == pytest.approx(1.0)
+    # LCS("a b", "a b c d") = 2: precision 1, recall 1/2, F = 2/3; averaged with a perfect match.
+    assert rouge_l(["a b", "z"], [["a b c d"], ["z"]]) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_exact_match_takes_any_reference_up_to_white_space():
+    assert exact_match([" a b ", "a c"], [["x", "a b"], ["a b"]]) == 0.5
 
 
 def test_distinct_n_by_hand():

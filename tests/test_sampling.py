@@ -8,6 +8,18 @@ from rkd_trl.sampling import mix_logprobs, sample_from_logprobs, sample_teacher_
 from rkd_trl.scoring import language_model_backbone, position_ids_from_mask
 
 
+def assert_scores_match_full_forward(student, teacher, ids, mask, rollout, alpha, vocab_size):
+    """The rollout's log q, log p and log p̃ of the sampled tokens equal those of a full forward, to 1e-5."""
+    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, vocab_size)
+    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, vocab_size)
+    tokens = rollout.completion_ids[..., None]
+    valid = rollout.completion_mask.bool()
+    assert torch.allclose(q.gather(-1, tokens).squeeze(-1)[valid], rollout.student_logprobs[valid], atol=1e-5)
+    assert torch.allclose(p.gather(-1, tokens).squeeze(-1)[valid], rollout.teacher_logprobs[valid], atol=1e-5)
+    mixed = mix_logprobs(q, p, alpha).gather(-1, tokens).squeeze(-1)
+    assert torch.allclose(mixed[valid], rollout.sampling_logprobs[valid], atol=1e-5)
+
+
 def full_forward_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, vocab_size):
     ids = torch.cat([prompt_ids, completion_ids], 1)
     mask = torch.cat([prompt_mask, completion_mask], 1)
@@ -42,15 +54,8 @@ def test_recorded_scores_match_full_forward(tokenizer, teacher, make_student, ta
     torch.manual_seed(0)
     prompts = ["q0", "q1 q2 q3", "q4"]  # different lengths: left padding
     ids, mask, rollout = sample(student, teacher, tokenizer, prompts, alpha, max_new_tokens=5)
-    V = len(tokenizer)
-    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
-    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
-    tokens = rollout.completion_ids[..., None]
+    assert_scores_match_full_forward(student, teacher, ids, mask, rollout, alpha, len(tokenizer))
     valid = rollout.completion_mask.bool()
-    assert torch.allclose(q.gather(-1, tokens).squeeze(-1)[valid], rollout.student_logprobs[valid], atol=1e-5)
-    assert torch.allclose(p.gather(-1, tokens).squeeze(-1)[valid], rollout.teacher_logprobs[valid], atol=1e-5)
-    mixed = mix_logprobs(q, p, alpha).gather(-1, tokens).squeeze(-1)
-    assert torch.allclose(mixed[valid], rollout.sampling_logprobs[valid], atol=1e-5)
     # After the first EOS: pad ids, mask 0, zero scores.
     for row in range(len(prompts)):
         ids_row = rollout.completion_ids[row].tolist()
@@ -93,14 +98,8 @@ def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(tokenizer,
     expected_fed = ids.numel() + int((lengths - 1).sum())
     assert fed["student"].count == expected_fed and fed["teacher"].count == expected_fed
 
-    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
-    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
-    tokens = rollout.completion_ids[..., None]
+    assert_scores_match_full_forward(student, teacher, ids, mask, rollout, 0.5, V)
     valid = rollout.completion_mask.bool()
-    assert torch.allclose(q.gather(-1, tokens).squeeze(-1)[valid], rollout.student_logprobs[valid], atol=1e-5)
-    assert torch.allclose(p.gather(-1, tokens).squeeze(-1)[valid], rollout.teacher_logprobs[valid], atol=1e-5)
-    mixed = mix_logprobs(q, p, 0.5).gather(-1, tokens).squeeze(-1)
-    assert torch.allclose(mixed[valid], rollout.sampling_logprobs[valid], atol=1e-5)
     # The recorded teacher hidden states are those of a full forward at the valid positions, zero after the end.
     full = torch.cat([ids, rollout.completion_ids], 1)
     full_mask = torch.cat([mask, rollout.completion_mask], 1)

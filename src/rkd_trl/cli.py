@@ -138,26 +138,6 @@ def _answers(model, tokenizer, prompts, max_new_tokens, batch_size, greedy):
     return answers
 
 
-def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
-    """Mean over predictions of the best Rouge-L F-measure against any of its references, × 100 (the scale of the
-    MiniLLM paper), by Google's `rouge_score` with its default tokenisation."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    best = [
-        max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in options)
-        for prediction, options in zip(predictions, references, strict=True)
-    ]
-    return 100.0 * sum(best) / max(len(best), 1)
-
-
-def exact_match(predictions: list[str], references: list[list[str]]) -> float:
-    """Share of predictions equal (up to surrounding white space) to one of their references."""
-    hits = [prediction.strip() in {r.strip() for r in options} for prediction, options in zip(
-        predictions, references, strict=True)]  # fmt: skip
-    return sum(hits) / max(len(hits), 1)
-
-
 def _completion_text(completion):
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
@@ -182,7 +162,7 @@ def evaluate_model(options) -> dict:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .metrics import reverse_kl_estimate
+    from .metrics import exact_match, reverse_kl_estimate, rouge_l
     from .trainer import to_prompt_completion
 
     torch.manual_seed(options.seed)
@@ -199,7 +179,7 @@ def evaluate_model(options) -> dict:
         "model": options.model,
         "dataset": f"{options.dataset}[{options.split}]",
         "num_prompts": len(prompts),
-        "rouge_l": rouge_l(answers, references),
+        "rouge_l": 100.0 * rouge_l(answers, references),  # × 100: the scale of the MiniLLM paper
         "exact_match": exact_match(answers, references),
         "length": sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) / len(answers),
     }
@@ -246,7 +226,7 @@ def _add_eval_parser(commands):
         description="Generates one answer per prompt of DATASET[SPLIT] (GKD `messages` or `prompt`/`completion` "
         "format; chat template applied to conversational prompts) and scores it against the reference completions "
         "(rows sharing a prompt are its several references; the best one counts): Rouge-L F-measure x 100 "
-        "(rouge_score, as in the MiniLLM paper), exact match and answer length in tokens. With "
+        "(evaluate + rouge_score, as in the MiniLLM paper), exact match and answer length in tokens. With "
         "--teacher, also the Monte-Carlo sequence-level reverse KL(model || teacher) in nats on single-turn "
         "conversational prompts. Nothing is downloaded when paths are local.",
     )

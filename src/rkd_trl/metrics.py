@@ -90,6 +90,15 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     return _rouge_l_module().compute(predictions=predictions, references=references)["rougeL"]
 
 
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """Share of predictions equal (up to surrounding white space) to one of their references."""
+    hits = [
+        prediction.strip() in {reference.strip() for reference in options}
+        for prediction, options in zip(predictions, references, strict=True)
+    ]
+    return sum(hits) / max(len(hits), 1)
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct-n: unique white-space n-grams over all n-grams in `texts` (0 when there are none)."""
     ngrams = [tuple(words[i : i + n]) for words in map(str.split, texts) for i in range(len(words) - n + 1)]
