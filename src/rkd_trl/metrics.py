@@ -17,8 +17,12 @@ from .scoring import left_pad, position_ids_from_mask, shared_vocab_size
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
-    """Left-padded `(ids, mask)` of user prompts rendered with the tokenizer's chat template."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False) for p in prompts]
+    """Left-padded `(ids, mask)` of user prompts rendered with the tokenizer's chat template, ending with the
+    assistant turn's header (`add_generation_prompt`), as TRL's trainers render prompts."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     ids, mask = left_pad(tokenizer(texts, add_special_tokens=False)["input_ids"], tokenizer.pad_token_id)
     return ids.to(device), mask.to(device)
 
@@ -198,3 +202,75 @@ def next_token_calibration(student, teacher, tokenizer, prompts, max_new_tokens,
     valid = rollout.completion_mask.bool()
     correct = top_tokens[valid] == rollout.completion_ids[valid]
     return expected_calibration_error(top_logprobs[valid].exp(), correct, num_bins)
+
+
+def repeated_ngram_share(token_lists: list[list[int]], n: int = 4) -> float:
+    """Mean over answers of the share of their n-grams that repeat an earlier n-gram of the same answer (`seq-rep-n`
+    of Welleck et al., 2020, on tokens): 0 for answers without repetition, near 1 for a loop. Answers shorter than
+    `n` tokens count as 0."""
+    shares = []
+    for tokens in token_lists:
+        ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        shares.append(1 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0)
+    return sum(shares) / max(len(shares), 1)
+
+
+@torch.no_grad()
+def answer_token_logprobs(model, tokenizer, prompts: list[str], token_lists: list[list[int]], batch_size: int = 16):
+    """`log model(y_t | x, y_<t)` of every token of each given answer (one forward per batch), a list of lists."""
+    device = next(model.parameters()).device
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        answers = token_lists[start : start + batch_size]
+        prompt_ids, prompt_mask = chat_prompt_batch(tokenizer, prompts[start : start + batch_size], device)
+        completion_ids = pad_right(answers, tokenizer.pad_token_id).to(device)
+        completion_mask = pad_right([[1] * len(a) for a in answers], 0).to(device)
+        if completion_ids.size(1) == 0:
+            results += [[] for _ in answers]
+            continue
+        logprobs = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, len(tokenizer))
+        token_logprobs = logprobs.gather(-1, completion_ids[..., None]).squeeze(-1)
+        results += [row[: len(answer)].tolist() for row, answer in zip(token_logprobs, answers)]
+    return results
+
+
+def pad_right(token_lists: list[list[int]], value: int) -> torch.Tensor:
+    """`[B, max length]` tensor of token lists padded on the right with `value`."""
+    width = max((len(tokens) for tokens in token_lists), default=0)
+    return torch.tensor([tokens + [value] * (width - len(tokens)) for tokens in token_lists], dtype=torch.long)
+
+
+@torch.no_grad()
+def answer_quality(student, teacher, tokenizer, prompts, teacher_answers, max_new_tokens, samples_per_prompt=2, seed=0):
+    """What a person sees of a student's answers to real prompts, next to the KL it was trained on.
+
+    Greedy answers: Rouge-L (× 100) against the teacher's greedy answers, repeated 4-grams, distinct-2, share ending
+    with EOS, length, and the teacher's per-token NLL of them (how plausible the teacher finds what the student
+    says). Samples at temperature 1 (`samples_per_prompt` per prompt): per-token and per-sequence reverse KL
+    `KL(student || teacher)` (Monte-Carlo), share ending with EOS, length.
+    """
+    from .instructions import generate_answers
+
+    greedy = generate_answers(student, tokenizer, prompts, max_new_tokens)
+    teacher_logprobs = answer_token_logprobs(teacher, tokenizer, prompts, greedy.token_ids)
+    answer_tokens = sum(len(tokens) for tokens in greedy.token_ids)
+    torch.manual_seed(seed)
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    rollout, _ = sample_with_scores(student, teacher, tokenizer, repeated, max_new_tokens)
+    log_ratio = (rollout.student_logprobs - rollout.teacher_logprobs).sum(1)
+    sample_lengths = rollout.completion_mask.sum(1).float()
+    eos = torch.tensor([tokenizer.eos_token_id], device=rollout.completion_ids.device)
+    sample_ended = (torch.isin(rollout.completion_ids, eos) & rollout.completion_mask.bool()).any(1).float()
+    return {
+        "rouge_l": 100.0 * rouge_l(greedy.texts, [[answer] for answer in teacher_answers]),
+        "repeated_4grams": repeated_ngram_share(greedy.token_ids, 4),
+        "distinct_2": distinct_n(greedy.texts, 2),
+        "eos_rate": sum(greedy.ended) / len(greedy.ended),
+        "length": answer_tokens / len(prompts),
+        "teacher_nll": -sum(sum(row) for row in teacher_logprobs) / max(answer_tokens, 1),
+        "reverse_kl_per_token": (log_ratio.sum() / sample_lengths.sum()).item(),
+        "reverse_kl_per_sequence": log_ratio.mean().item(),
+        "sample_eos_rate": sample_ended.mean().item(),
+        "sample_length": sample_lengths.mean().item(),
+        "greedy_answers": greedy.texts,
+    }
