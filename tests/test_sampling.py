@@ -202,3 +202,47 @@ def test_nan_logits_while_sampling_name_the_model(tokenizer, teacher, make_stude
     torch.manual_seed(0)
     with pytest.raises(FloatingPointError, match=f"The {broken}'s next-token distribution contains NaN"):
         sample(student, teacher, tokenizer, ["q0", "q1"], 0.2, max_new_tokens=6)
+
+
+def test_without_teacher_mixing_the_teacher_scores_completions_in_one_parallel_forward(tokenizer, teacher, make_student, task):
+    """α = 0: the teacher is not in the decode loop. It runs one forward over prompt + completion after sampling, and
+    the recorded teacher log-probs and hidden states equal a full forward's; the student is fed as before."""
+    student = make_student().eval()
+    eos_token_ids = [tokenizer.convert_tokens_to_ids(letter) for letter in task.letters[:3]] + [tokenizer.eos_token_id]
+    fed = {
+        name: FedPositions(language_model_backbone(model))
+        for name, model in (("student", student), ("teacher", teacher))
+    }
+    calls = []
+    language_model_backbone(teacher).register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(3)
+    prompts = ["q0", "q1 q2 q3", "q4", "q5", "q6 q7", "q2"]
+    ids, mask, rollout = sample(student, teacher, tokenizer, prompts, 0.0, max_new_tokens=8, eos_token_ids=eos_token_ids)
+    lengths = rollout.completion_mask.sum(1)
+    assert lengths.unique().numel() > 2, lengths
+    assert fed["student"].count == ids.numel() + int((lengths - 1).sum())
+    assert len(calls) == 1 and fed["teacher"].count == ids.numel() + rollout.completion_ids.numel()
+    assert_scores_match_full_forward(student, teacher, ids, mask, rollout, 0.0, len(tokenizer))
+    valid = rollout.completion_mask.bool()
+    full = torch.cat([ids, rollout.completion_ids], 1)
+    full_mask = torch.cat([mask, rollout.completion_mask], 1)
+    hidden = language_model_backbone(teacher)(
+        input_ids=full, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask)
+    ).last_hidden_state[:, ids.size(1) - 1 : -1]
+    assert torch.allclose(hidden[valid], rollout.teacher_hidden[valid], atol=1e-5)
+    assert torch.all(rollout.teacher_hidden[~valid] == 0) and torch.all(rollout.teacher_logprobs[~valid] == 0)
+
+
+def test_without_teacher_mixing_the_sampler_draws_from_the_student(tokenizer, teacher, make_student):
+    """Seeded goodness of fit of the first token at α = 0 against q."""
+    student = make_student().eval()
+    n = 20000
+    torch.manual_seed(0)
+    ids, _, rollout = sample(student, teacher, tokenizer, ["q1"] * n, 0.0, max_new_tokens=1)
+    V = len(tokenizer)
+    q = torch.softmax(student(input_ids=ids[:1]).logits[0, -1, :V], -1)
+    empirical = torch.bincount(rollout.completion_ids[:, 0], minlength=V).float() / n
+    keep = q * n >= 5
+    chi2 = (((empirical - q) * n) ** 2 / (q * n))[keep].sum().item()
+    df = int(keep.sum()) - 1
+    assert chi2 < df + 3.09 * math.sqrt(2 * df) + 2, (chi2, df)

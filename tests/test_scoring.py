@@ -6,12 +6,16 @@ from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
     OutputHead,
     check_same_tokenizer,
+    final_hidden_states,
     language_model_backbone,
     output_logits,
     position_ids_from_mask,
     shared_vocab_size,
+    verify_scoring,
 )
 from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
+
+from architectures import VOCAB_SIZE, tiny_model
 
 
 def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):
@@ -22,13 +26,16 @@ def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):
     assert torch.allclose(output_logits(model, hidden, len(tokenizer)), expected, atol=1e-6)
 
 
-def test_output_logits_apply_softcapping(tokenizer, make_student):
-    model = make_student()
-    hidden = torch.randn(2, model.config.hidden_size)
-    raw = output_logits(model, hidden, len(tokenizer))
-    model.config.final_logit_softcapping = 0.5
-    capped = output_logits(model, hidden, len(tokenizer))
-    assert torch.allclose(capped, torch.tanh(raw / 0.5) * 0.5)
+@pytest.mark.parametrize("model_type", ["gemma2", "cohere", "granite", "hyperclovax", "falcon_h1"])
+def test_output_head_applies_the_models_own_logit_post_processing(model_type):
+    """Soft-capping (Gemma 2), logit scale (Cohere), logit division (Granite) and multiplication (HyperCLOVAX), a
+    multiplier read from the backbone (Falcon-H1): the head is the model's own forward code, so it reproduces each."""
+    model = tiny_model(model_type)
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden_states(model, ids, torch.ones_like(ids))
+    head = OutputHead(model, VOCAB_SIZE)
+    assert torch.allclose(head(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
+    assert torch.allclose(head(hidden[0, 2]), model(input_ids=ids).logits[0, 2].float(), atol=1e-5)  # any shape
 
 
 def test_shared_vocab_drops_padding_rows(tokenizer, make_student):
@@ -71,3 +78,44 @@ def test_output_head_exposes_the_lora_parameters_of_a_peft_lm_head(tokenizer, ma
     assert torch.allclose(got, expected, atol=1e-5)
     for a, b in zip(got_grads, expected_grads):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "model_type, drops_rows",
+    [("llama", True), ("qwen3_next", True), ("mamba", True), ("falcon_h1", True), ("recurrent_gemma", False)],
+)
+def test_probe_drops_finished_rows_where_the_cache_can_and_keeps_them_elsewhere(model_type, drops_rows):
+    """Linear-attention, SSM and hybrid caches are reordered by their own `reorder_cache`; RecurrentGemma keeps its
+    recurrent state in its modules, so the probe finds that only keeping every row reproduces its forward."""
+    assert verify_scoring(tiny_model(model_type), VOCAB_SIZE, 0, "student").drop_ended_rows is drops_rows
+
+
+def test_probe_refuses_a_model_whose_logits_are_not_a_function_of_its_hidden_states(make_student, tokenizer):
+    model = make_student().eval()
+    forward = type(model).forward
+
+    def forward_with_input_bias(self, input_ids=None, **kwargs):
+        output = forward(self, input_ids=input_ids, **kwargs)
+        if input_ids is not None:  # logits that depend on the input ids beyond the backbone: not reproducible
+            vocabulary = torch.arange(output.logits.size(-1)) / output.logits.size(-1)
+            output.logits = output.logits + input_ids[..., None].float() * vocabulary
+        return output
+
+    model.forward = forward_with_input_bias.__get__(model)
+    with pytest.raises(ValueError, match="teacher .*LlamaForCausalLM.*cannot be scored from its hidden states"):
+        verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "teacher")
+
+
+def test_probe_refuses_a_model_whose_incremental_scores_differ_from_its_forward(make_student, tokenizer):
+    model = make_student().eval()
+    forward = type(model).forward
+
+    def forward_off_when_cached(self, *args, past_key_values=None, **kwargs):
+        output = forward(self, *args, past_key_values=past_key_values, **kwargs)
+        if past_key_values is not None and past_key_values.get_seq_length() > 1:
+            output.logits = output.logits * 2.0  # a cache path that computes something else
+        return output
+
+    model.forward = forward_off_when_cached.__get__(model)
+    with pytest.raises(ValueError, match="student .*model_type='llama'.*cannot be decoded token by token"):
+        verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")

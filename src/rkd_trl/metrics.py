@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .sampling import sample_teacher_mixed
-from .scoring import left_pad, position_ids_from_mask, shared_vocab_size
+from .scoring import forward_arguments, left_pad, shared_vocab_size, verify_scoring
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
@@ -35,12 +35,18 @@ def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alp
     """
     device = next(student.parameters()).device
     ids, mask = chat_prompt_batch(tokenizer, prompts, device)
+    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    drop_ended_rows = tuple(
+        verify_scoring(model, vocab_size, tokenizer.pad_token_id, name).drop_ended_rows
+        for name, model in (("student", student), ("teacher", teacher))
+    )
     rollout = sample_teacher_mixed(
         student,
         teacher,
         ids,
         mask,
-        vocab_size=shared_vocab_size(student, teacher, tokenizer),
+        vocab_size=vocab_size,
+        drop_ended_rows=drop_ended_rows,
         max_new_tokens=max_new_tokens,
         alpha=alpha,
         eos_token_ids=[tokenizer.eos_token_id],
@@ -154,9 +160,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     """
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).logits
+    arguments = forward_arguments(model, input_ids, attention_mask, use_cache=False)
+    arguments.pop("logits_to_keep", None)  # every position
+    logits = model(**arguments).logits
     prompt_length = prompt_ids.size(1)
     return F.log_softmax(logits[:, prompt_length - 1 : -1, :vocab_size].float(), dim=-1)
 

@@ -2,19 +2,22 @@
 
 Sampling from the mixture keeps the student from drifting to strings the teacher finds unlikely (reward hacking)
 early in training; the per-token importance weight `q_θ/p̃` corrects the gradient (see `advantages.py`).
-The decode loop keeps a KV cache for both models, so each sampled token costs one incremental forward of each
-model, and it records everything the loss needs: the teacher's log-prob and final hidden state at every position
-are the rewards' and the single-step term's teacher scores (no second teacher pass over the same tokens). Rows that
-have ended are dropped from the batch, so they cost nothing while the others finish.
+With `α > 0` the decode loop runs both models one token at a time over their caches (`scoring.IncrementalDecoder`),
+so each sampled token costs one incremental forward of each model, and it records everything the loss needs: the
+teacher's log-prob and final hidden state at every position are the rewards' and the single-step term's teacher
+scores. With `α = 0` the teacher is not needed inside the loop: the student samples alone and the teacher scores all
+completion positions in one parallel forward afterwards, which is far cheaper for a large teacher. Rows that have
+ended are dropped from the batch, so they cost nothing while the others finish.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from .scoring import IncrementalScorer, position_ids_from_mask
+from .scoring import IncrementalDecoder, OutputHead, final_hidden_states
 
 
 @dataclass
@@ -67,18 +70,24 @@ def sample_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def draw_from_mixture(
-    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float, top_k: int, top_p: float
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor | None, alpha: float, top_k: int, top_p: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from `p̃ = α·p + (1-α)·q` (`[B, V]` log-probs in); return `(tokens, log p̃(tokens))`.
 
     Without top-k / top-p the mixture is never formed over the vocabulary: each row first picks the teacher with
     probability α (else the student), then a token from that model, which is a draw from `p̃` exactly; `log p̃` is
-    then needed at the drawn token only. Top-k / top-p act on the mixture itself, so they build it in full.
+    then needed at the drawn token only. Top-k / top-p act on the mixture itself, so they build it in full. With
+    `α = 0`, `teacher_logprobs` may be None: the draw is from the student alone.
     """
+    if alpha == 0.0:
+        teacher_logprobs = student_logprobs
     if (top_k and top_k > 0) or top_p < 1.0:
         sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
         tokens = sample_from_logprobs(sampling_logprobs)
         return tokens, sampling_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    if alpha == 0.0:
+        tokens = sample_from_logprobs(student_logprobs)
+        return tokens, student_logprobs.gather(1, tokens[:, None]).squeeze(1)
     from_teacher = torch.rand(student_logprobs.size(0), 1, device=student_logprobs.device) < alpha
     tokens = sample_from_logprobs(torch.where(from_teacher, teacher_logprobs, student_logprobs))
     student_token, teacher_token = (
@@ -87,9 +96,46 @@ def draw_from_mixture(
     return tokens, mix_logprobs(student_token, teacher_token, alpha)
 
 
-def _nan_in(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """`[2]` booleans: whether the student's / teacher's `[B, V]` log-probs contain a NaN."""
-    return torch.stack([student_logprobs.isnan().any(), teacher_logprobs.isnan().any()])
+def _nan_in(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor | None) -> torch.Tensor:
+    """`[2]` booleans: whether the student's / teacher's log-probs contain a NaN (the teacher's: False when None)."""
+    teacher_nan = teacher_logprobs.isnan().any() if teacher_logprobs is not None else student_logprobs.new_zeros((), dtype=torch.bool)
+    return torch.stack([student_logprobs.isnan().any(), teacher_nan])
+
+
+@torch.no_grad()
+def score_completions(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A model's final hidden states `[B, T, H]` and log-probs `[B, T]` of given completions, from one parallel
+    forward over prompt + completion (zero at masked positions). Vocabulary logits exist for `chunk_size` positions
+    at a time."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    hidden = final_hidden_states(model, input_ids, attention_mask)[:, prompt_ids.size(1) - 1 : -1]
+    valid = completion_mask.bool()
+    hidden = hidden * valid[..., None]
+    head = OutputHead(model, vocab_size)
+    valid_hidden, valid_tokens = hidden[valid], completion_ids[valid]
+    token_logprobs = torch.cat(
+        [
+            F.log_softmax(head(valid_hidden[start : start + chunk_size]) / temperature, dim=-1)
+            .gather(1, valid_tokens[start : start + chunk_size, None])
+            .squeeze(1)
+            for start in range(0, valid_tokens.numel(), chunk_size)
+        ]
+        or [hidden.new_zeros(0, dtype=torch.float32)]
+    )
+    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    logprobs[valid] = token_logprobs
+    return hidden, logprobs
 
 
 @torch.no_grad()
@@ -107,67 +153,81 @@ def sample_teacher_mixed(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    drop_ended_rows: tuple[bool, bool] = (True, True),
 ) -> Rollout:
     """Sample completions token by token from `α·p + (1-α)·q` (then top-k / top-p if set).
 
-    The batch shrinks as rows end: a row that has produced EOS is dropped from both KV caches and is not fed again.
+    The batch shrinks as rows end: a row that has produced EOS is not fed again (and is dropped from a model's cache
+    where `drop_ended_rows` allows it, see `scoring.verify_scoring`).
 
     Args:
         student, teacher: causal LMs sharing the first `vocab_size` vocabulary rows.
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts.
-        alpha: teacher share of the mixture; `0` is plain sampling from the student.
+        alpha: teacher share of the mixture; `0` is plain sampling from the student, with the teacher scoring the
+            completions in one parallel forward afterwards.
         eos_token_ids: any of these ends a completion.
+        drop_ended_rows: for (student, teacher), whether finished rows can be dropped from the model's cache.
 
     Returns:
         A `Rollout` with `T ≤ max_new_tokens` columns (the loop stops once every row has ended).
     """
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("sample_teacher_mixed needs left-padded prompts (the last column must be real tokens).")
-    student_scorer = IncrementalScorer(student, vocab_size, temperature)
-    teacher_scorer = IncrementalScorer(teacher, vocab_size, temperature)
+    teacher_in_loop = alpha > 0.0
+    student_decoder = IncrementalDecoder(student, vocab_size, temperature, drop_ended_rows=drop_ended_rows[0])
+    teacher_decoder = (
+        IncrementalDecoder(teacher, vocab_size, temperature, record_hidden=True, drop_ended_rows=drop_ended_rows[1])
+        if teacher_in_loop
+        else None
+    )
     device = prompt_ids.device
     eos = torch.tensor(eos_token_ids, device=device)
 
-    attention_mask = prompt_mask
-    position_ids = position_ids_from_mask(prompt_mask)
-    _, student_logprobs = student_scorer(prompt_ids, attention_mask, position_ids)
-    teacher_hidden, teacher_logprobs = teacher_scorer(prompt_ids, attention_mask, position_ids)
+    _, student_logprobs = student_decoder.start(prompt_ids, prompt_mask)
+    teacher_hidden, teacher_logprobs = teacher_decoder.start(prompt_ids, prompt_mask) if teacher_in_loop else (None, None)
     nan_seen = _nan_in(student_logprobs, teacher_logprobs)
-    next_position = position_ids[:, -1:] + 1
 
     batch_size = prompt_ids.size(0)
     completion_ids = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
     completion_mask = torch.zeros(batch_size, max_new_tokens, dtype=torch.long, device=device)
     scores = torch.zeros(3, batch_size, max_new_tokens, device=device)  # log q, log p, log p̃ of the sampled tokens
-    hidden = teacher_hidden.new_zeros(batch_size, max_new_tokens, teacher_hidden.size(-1))
-    rows = torch.arange(batch_size, device=device)  # batch rows still generating, in cache order
+    hidden = teacher_hidden.new_zeros(batch_size, max_new_tokens, teacher_hidden.size(-1)) if teacher_in_loop else None
+    rows = torch.arange(batch_size, device=device)  # batch rows still generating, in the decoders' order
     for step in range(max_new_tokens):
         tokens, sampled_logprobs = draw_from_mixture(student_logprobs, teacher_logprobs, alpha, top_k, top_p)
         completion_ids[rows, step] = tokens
         completion_mask[rows, step] = 1
-        for index, logprobs in enumerate((student_logprobs, teacher_logprobs)):
-            scores[index, rows, step] = logprobs.gather(1, tokens[:, None]).squeeze(1)
+        scores[0, rows, step] = student_logprobs.gather(1, tokens[:, None]).squeeze(1)
         scores[2, rows, step] = sampled_logprobs
-        hidden[rows, step] = teacher_hidden
+        if teacher_in_loop:
+            scores[1, rows, step] = teacher_logprobs.gather(1, tokens[:, None]).squeeze(1)
+            hidden[rows, step] = teacher_hidden
         ended = torch.isin(tokens, eos)
         if step == max_new_tokens - 1 or bool(ended.all()):
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().squeeze(1)
-            rows, tokens, next_position, attention_mask = (
-                rows[keep],
-                tokens[keep],
-                next_position[keep],
-                attention_mask[keep],
-            )
-            student_scorer.keep_rows(keep)
-            teacher_scorer.keep_rows(keep)
-        # Feed the sampled token to both models: one incremental forward each.
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows.size(0), 1)], dim=1)
-        _, student_logprobs = student_scorer(tokens[:, None], attention_mask, next_position)
-        teacher_hidden, teacher_logprobs = teacher_scorer(tokens[:, None], attention_mask, next_position)
+            rows, tokens = rows[keep], tokens[keep]
+            for decoder in (student_decoder, teacher_decoder):
+                if decoder is not None:
+                    decoder.keep_rows(keep)
+        # Feed the sampled token to the models in the loop: one incremental forward each.
+        _, student_logprobs = student_decoder.step(tokens, pad_token_id)
+        if teacher_in_loop:
+            teacher_hidden, teacher_logprobs = teacher_decoder.step(tokens, pad_token_id)
         nan_seen |= _nan_in(student_logprobs, teacher_logprobs)
-        next_position = next_position + 1
+
+    length = step + 1
+    completion_ids, completion_mask = completion_ids[:, :length], completion_mask[:, :length]
+    student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
+    if teacher_in_loop:
+        hidden = hidden[:, :length]
+    else:
+        hidden, teacher_scores = score_completions(
+            teacher, prompt_ids, prompt_mask, completion_ids, completion_mask,
+            vocab_size=vocab_size, temperature=temperature,
+        )  # fmt: skip
+        nan_seen[1] = teacher_scores.isnan().any()
 
     # Checked once at the end (no extra synchronisation per token): tokens drawn after a NaN are never used.
     if bool(nan_seen.any()):
@@ -177,14 +237,11 @@ def sample_teacher_mixed(
             "weights are corrupt. Run it in bfloat16 or float32 rather than float16, and check its output with a "
             "plain forward on the same prompts."
         )
-
-    length = step + 1
-    student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
     return Rollout(
-        completion_ids=completion_ids[:, :length],
-        completion_mask=completion_mask[:, :length],
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
         student_logprobs=student_scores,
         teacher_logprobs=teacher_scores,
         sampling_logprobs=sampling_scores,
-        teacher_hidden=hidden[:, :length],
+        teacher_hidden=hidden,
     )

@@ -1,68 +1,379 @@
-"""Teacher-logit scoring: next-token log-probs of a causal LM over a shared vocabulary.
+"""Scoring through the models' own code: final hidden states, the output head, and KV-cached decoding.
 
-Both models are run as backbone (→ final hidden state) + output projection, so that the teacher's hidden states
-can be kept from sampling and projected to vocabulary logits one chunk at a time in the loss, instead of storing
-`batch × length × vocab` teacher log-probs.
+The losses need the vocabulary projection separately from the backbone (to project a chunk of tokens at a time), and
+the sampler needs both models one token at a time. Neither re-implements a model: hidden states come from the model's
+own forward (a hook on its backbone), logits from hidden states come from the model's own forward code with the
+backbone replaced by a pass-through (`OutputHead`), and decoding runs the model's forward with the inputs and cache
+updates that `generate` uses (`prepare_inputs_for_generation`, `_update_model_kwargs_for_generation`), dropping
+finished rows with the cache's own beam-search reordering. `verify_scoring` checks all of it against one plain
+forward at start-up and refuses a model whose numbers differ.
 """
+
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import is_peft_model
+from transformers import GenerationConfig
+from transformers.cache_utils import Cache
+from transformers.generation.utils import GenerationMode
+from transformers.modeling_outputs import ModelOutput
 from trl.trainer.utils import pad
 
 
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers `*ForCausalLM` inside a model that may be PEFT-wrapped (adapters stay active in it)."""
+    return model.base_model.model if is_peft_model(model) else model
+
+
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of a causal LM (PEFT-wrapped or not) that returns `last_hidden_state`, i.e. all but the LM head."""
-    if is_peft_model(model):
-        model = model.base_model.model
-    return model.base_model
+    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head."""
+    return causal_lm(model).base_model
+
+
+def accepted_arguments(model: torch.nn.Module) -> set[str]:
+    """Names of the keyword arguments the causal LM's forward takes."""
+    return set(inspect.signature(causal_lm(model).forward).parameters)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting only attended tokens, so left padding does not shift them (as `generate` does)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_arguments(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> dict:
+    """Keyword arguments of a forward over left-padded `input_ids`: positions from the mask where the model takes
+    them, and logits for the last position only where it can (hidden states are what the caller wants)."""
+    accepted = accepted_arguments(model)
+    arguments = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+    if "position_ids" in accepted:
+        arguments["position_ids"] = position_ids_from_mask(attention_mask)
+    if "logits_to_keep" in accepted:
+        arguments.setdefault("logits_to_keep", 1)
+    return arguments
+
+
+@contextmanager
+def captured_hidden_states(model: torch.nn.Module):
+    """Within the block, `box["hidden"]` holds the final hidden states `[B, L, H]` of the model's last forward: what
+    its backbone returned, i.e. exactly what its own forward hands to the output head."""
+    box = {}
+
+    def keep(module, args, output):
+        box["hidden"] = output[0]
+
+    handle = language_model_backbone(model).register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`[B, L, H]` final hidden states of left-padded `input_ids` from one forward of the model itself (its root
+    forward, so distributed wrappers and model-specific arguments work), without the full vocabulary logits."""
+    with captured_hidden_states(model) as box:
+        causal_lm(model)(**forward_arguments(model, input_ids, attention_mask, use_cache=False))
+    return box["hidden"]
+
+
+@dataclass
+class _HiddenStatesOnly(ModelOutput):
+    """A backbone output holding only `last_hidden_state`; any other field a model's forward reads is None."""
+
+    last_hidden_state: torch.Tensor | None = None
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+
+class _PassThroughBackbone:
+    """Stands for a backbone inside its model's forward: returns given hidden states; other attributes (e.g. a
+    multiplier the forward reads from it) are the real backbone's."""
+
+    def __init__(self, backbone, hidden):
+        self._backbone = backbone
+        self._hidden = hidden
+
+    def __call__(self, *args, **kwargs):
+        return _HiddenStatesOnly(last_hidden_state=self._hidden)
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+
+class _WithBackbone:
+    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced."""
+
+    def __init__(self, model, backbone):
+        self._model = model
+        self._backbone = backbone
+
+    def __getattr__(self, name):
+        if name == self._model.base_model_prefix:
+            return self._backbone
+        return getattr(self._model, name)
 
 
 class OutputHead:
-    """`hidden → vocabulary logits` of a causal LM, exactly as the model's own forward computes them.
+    """`hidden → vocabulary logits` of a causal LM, computed by the model's own forward code.
 
-    Resolved once (PEFT unwrapping, the LM head module, the config's logit post-processing) so that calling it in a
-    decode loop costs the projection only. Exposes `parameters()`, the parameters it reads, which the chunked losses
-    differentiate directly (see `losses.minillm_loss_sums`).
+    The model's forward runs with its backbone replaced by a pass-through that returns the given hidden states, so
+    the output layer and whatever the model does after it (logit scaling, multipliers, soft-capping, ...) are the
+    model's own, for any architecture; nothing is read from the config. Exposes `parameters()`: the parameters the
+    head reads (the output layer, tied or not, adapters on it included), which the chunked losses differentiate.
 
     Args:
-        model: the causal LM whose output embeddings (LM head) and logit post-processing are applied.
+        model: the causal LM (PEFT-wrapped or not).
         vocab_size: number of leading vocabulary rows kept; rows past it are padding rows of the embedding matrix.
-        dtype: cast hidden states to this dtype first (the head's, when they were stored in another one).
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, dtype: torch.dtype | None = None):
-        if is_peft_model(model):
-            model = model.base_model.model
-        self.projection = model.get_output_embeddings()
+    def __init__(self, model: torch.nn.Module, vocab_size: int):
+        self.model = causal_lm(model)
         self.vocab_size = vocab_size
-        self.dtype = dtype
-        config = model.config.get_text_config()
-        # The few architectures whose forward post-processes the head's output (Cohere, Granite, Gemma 2/3).
-        self.logit_scale = getattr(config, "logit_scale", None)
-        self.logits_scaling = getattr(config, "logits_scaling", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.backbone = self.model.base_model
+        weight = getattr(self.model.get_output_embeddings(), "weight", None)
+        self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+        backbone_only = {id(p) for p in self.backbone.parameters()} - {
+            id(p) for p in self.model.get_output_embeddings().parameters()
+        }
+        self._parameters = [p for p in self.model.parameters() if id(p) not in backbone_only]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[..., H]` final hidden states (after the backbone's last norm) → `[..., vocab_size]` float logits."""
+        """`[..., H]` final hidden states → `[..., vocab_size]` float logits."""
         if self.dtype is not None:
             hidden = hidden.to(self.dtype)
-        logits = self.projection(hidden)[..., : self.vocab_size]
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logits_scaling is not None:
-            logits = logits / self.logits_scaling
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        leading = hidden.shape[:-1]
+        stand_in = _WithBackbone(self.model, _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1))))
+        logits = type(self.model).forward(stand_in, use_cache=False).logits
+        return logits.reshape(*leading, logits.size(-1))[..., : self.vocab_size].float()
 
     def parameters(self):
-        return self.projection.parameters()
+        return iter(self._parameters)
 
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """`[..., vocab_size]` float logits of `model` from its final hidden states `[..., H]` (see `OutputHead`)."""
     return OutputHead(model, vocab_size)(hidden)
+
+
+class IncrementalDecoder:
+    """Runs a causal LM one token at a time over its cache and returns next-token log-probs (and, with
+    `record_hidden`, the final hidden state that predicted them).
+
+    Each step is what `generate` does: the cache `generate` would prepare, the model's `prepare_inputs_for_generation`,
+    its forward, and
+    `_update_model_kwargs_for_generation` (which keeps the cache under the model's own name for it, extends the
+    attention mask and the positions). Rows that finished are dropped with the cache's `reorder_cache` (the API beam
+    search uses, which covers attention and linear-attention / SSM states) when `drop_ended_rows`; a model whose state
+    lives outside its cache object keeps every row instead and is fed padding for the finished ones, as `generate`
+    does (`verify_scoring` tells which works).
+    """
+
+    def __init__(self, model, vocab_size: int, temperature: float = 1.0, record_hidden=False, drop_ended_rows=True):
+        self.model = causal_lm(model)
+        self.vocab_size = vocab_size
+        self.temperature = temperature
+        self.record_hidden = record_hidden
+        self.drop_ended_rows = drop_ended_rows
+        self.model_kwargs = {}
+        self.input_ids = None
+        self.active = None  # rows still generating, when ended rows are kept in the batch
+
+    @torch.no_grad()
+    def start(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        """Feed left-padded prompts `[B, P]`; returns `(hidden [B, H] or None, logprobs [B, V])` for the next token."""
+        accepted = accepted_arguments(self.model)
+        self.model_kwargs = {"attention_mask": prompt_mask, "use_cache": True}
+        if "position_ids" in accepted:
+            self.model_kwargs["position_ids"] = position_ids_from_mask(prompt_mask)
+        if "logits_to_keep" in accepted:
+            self.model_kwargs["logits_to_keep"] = 1
+        # The cache `generate` would create for this model (none for models that make their own on the first call).
+        self.model._prepare_cache_for_generation(
+            GenerationConfig(), self.model_kwargs, GenerationMode.SAMPLE, prompt_ids.size(0), prompt_ids.size(1)
+        )
+        self.input_ids = prompt_ids
+        self.active = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
+        inputs = self.model.prepare_inputs_for_generation(prompt_ids, is_first_iteration=True, **self.model_kwargs)
+        return self._forward(inputs)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, pad_token_id: int):
+        """Feed one token per active row (`[b]`); returns `(hidden [b, H] or None, logprobs [b, V])`."""
+        if not self.drop_ended_rows:
+            fed = tokens.new_full((self.input_ids.size(0),), pad_token_id)
+            fed[self.active] = tokens
+            tokens = fed
+        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)
+        inputs = self.model.prepare_inputs_for_generation(self.input_ids, next_sequence_length=1, **self.model_kwargs)
+        hidden, logprobs = self._forward(inputs)
+        if not self.drop_ended_rows:
+            hidden = hidden[self.active] if hidden is not None else None
+            logprobs = logprobs[self.active]
+        return hidden, logprobs
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (indices into the active rows, in order) of the batch: the others have ended."""
+        if not self.drop_ended_rows:
+            self.active = self.active[rows]
+            return
+        batch_size = self.input_ids.size(0)
+        self.input_ids = self.input_ids[rows]
+        for name, value in self.model_kwargs.items():
+            if isinstance(value, Cache):
+                value.reorder_cache(rows)
+            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == batch_size:
+                self.model_kwargs[name] = value[rows]
+
+    def _forward(self, inputs):
+        if self.record_hidden:
+            with captured_hidden_states(self.model) as box:
+                outputs = self.model(**inputs, return_dict=True)
+            hidden = box["hidden"][:, -1]
+        else:
+            outputs = self.model(**inputs, return_dict=True)
+            hidden = None
+        self.model_kwargs = self.model._update_model_kwargs_for_generation(outputs, self.model_kwargs)
+        logits = outputs.logits[:, -1, : self.vocab_size].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return hidden, F.log_softmax(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------- start-up probe
+
+
+@dataclass
+class ScoringCheck:
+    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding."""
+
+    drop_ended_rows: bool
+
+
+def _logprob_discrepancy(expected: torch.Tensor, got: torch.Tensor) -> float:
+    """Largest `|Δ log p|` over the tokens the expected distribution gives at least 1e-4 (the far tail's log-probs
+    carry rounding noise that no sampled token would see)."""
+    relevant = expected.exp() >= 1e-4
+    return (expected - got).abs()[relevant].max().item()
+
+
+def scoring_tolerance(dtype: torch.dtype) -> float:
+    """Largest log-prob discrepancy accepted between two computations of the same scores: 1e-3 in float32 (where
+    correct paths agree to ~1e-6), proportionally more for 16-bit weights, whose incremental and parallel forwards
+    round differently."""
+    return max(1e-3, 20 * torch.finfo(dtype).eps)
+
+
+def _probe_batch(vocab_size: int, pad_token_id: int, device):
+    """Three left-padded prompts (2, 5 and 4 tokens) and completions that end after 1, 3 and 4 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    prompt_lengths, completion_lengths = (2, 5, 4), (1, 3, 4)
+    prompt_ids = torch.randint(min(vocab_size, 1000), (3, 5), generator=generator)
+    prompt_mask = torch.tensor([[0] * (5 - n) + [1] * n for n in prompt_lengths])
+    prompt_ids = prompt_ids.masked_fill(prompt_mask == 0, pad_token_id)
+    completion_ids = torch.randint(min(vocab_size, 1000), (3, 4), generator=generator)
+    completion_mask = torch.tensor([[1] * n + [0] * (4 - n) for n in completion_lengths])
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad_token_id)
+    return [tensor.to(device) for tensor in (prompt_ids, prompt_mask, completion_ids, completion_mask)]
+
+
+def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows) -> float:
+    """Teacher-force the probe completions through `IncrementalDecoder`; the largest discrepancy of its log-probs,
+    and of the head applied to its recorded hidden states, from a full forward's."""
+    prompt_ids, prompt_mask, completion_ids, completion_mask = batch
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    arguments = forward_arguments(model, input_ids, attention_mask, use_cache=False)
+    arguments.pop("logits_to_keep", None)
+    logits = causal_lm(model)(**arguments).logits[:, prompt_ids.size(1) - 1 : -1, :vocab_size].float()
+    expected = F.log_softmax(logits, dim=-1)
+
+    decoder = IncrementalDecoder(model, vocab_size, record_hidden=True, drop_ended_rows=drop_ended_rows)
+    hidden, logprobs = decoder.start(prompt_ids, prompt_mask)
+    rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
+    worst = 0.0
+    lengths = completion_mask.sum(1)
+    for step in range(completion_ids.size(1)):
+        if step > 0:
+            keep = (lengths[rows] > step).nonzero().squeeze(1)
+            if keep.numel() < rows.numel():
+                decoder.keep_rows(keep)
+                rows = rows[keep]
+            hidden, logprobs = decoder.step(completion_ids[rows, step - 1], pad_token_id)
+        from_head = F.log_softmax(head(hidden), dim=-1)
+        worst = max(
+            worst,
+            _logprob_discrepancy(expected[rows, step], logprobs),
+            _logprob_discrepancy(expected[rows, step], from_head),
+        )
+    return worst
+
+
+@torch.no_grad()
+def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str) -> ScoringCheck:
+    """Start-up probe: the scores this package computes for `model` equal those of its own plain forward.
+
+    On three short left-padded sequences that end at different steps it checks that (1) the final hidden states and
+    `OutputHead` reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them token by token, first
+    dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the model type and what
+    differs when neither way reproduces the forward (then training would learn from wrong numbers).
+    """
+    lm = causal_lm(model)
+    device = next(lm.parameters()).device
+    dtype = next(p for p in lm.parameters() if p.is_floating_point()).dtype
+    tolerance = scoring_tolerance(dtype)
+    batch = _probe_batch(vocab_size, pad_token_id, device)
+    model_type = lm.config.model_type
+    was_training = lm.training
+    lm.eval()
+    try:
+        head = OutputHead(lm, vocab_size)
+        input_ids = torch.cat([batch[0], batch[2]], 1)
+        attention_mask = torch.cat([batch[1], batch[3]], 1)
+        arguments = forward_arguments(lm, input_ids, attention_mask, use_cache=False)
+        arguments.pop("logits_to_keep", None)
+        with captured_hidden_states(lm) as box:
+            logits = lm(**arguments).logits[..., :vocab_size].float()
+        valid = attention_mask.bool()
+        head_error = _logprob_discrepancy(
+            F.log_softmax(logits[valid], -1), F.log_softmax(head(box["hidden"][valid]), -1)
+        )
+        if not head_error <= tolerance:
+            raise ValueError(
+                f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored from its hidden states: "
+                f"its output head applied to its backbone's final hidden states differs from its own forward's logits "
+                f"by up to {head_error:.3g} in log-probability (tolerance {tolerance:.1g}). Its forward computes the "
+                "logits from more than the backbone output, which the chunked losses cannot reproduce."
+            )
+        errors = {}
+        for drop_ended_rows in (True, False):
+            try:
+                errors[drop_ended_rows] = _decode_probe(lm, vocab_size, pad_token_id, batch, head, drop_ended_rows)
+            except Exception as error:  # a cache that cannot be reordered, a model that cannot decode step by step
+                errors[drop_ended_rows] = f"{type(error).__name__}: {error}"
+            if isinstance(errors[drop_ended_rows], float) and errors[drop_ended_rows] <= tolerance:
+                return ScoringCheck(drop_ended_rows=drop_ended_rows)
+        raise ValueError(
+            f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be decoded token by token "
+            "reproducibly: its incremental log-probs differ from its own full forward over the same tokens "
+            f"(dropping finished rows from the cache: {_describe(errors[True])}; keeping them: "
+            f"{_describe(errors[False])}; tolerance {tolerance:.1g}). Training on these scores would learn the wrong "
+            "distribution, so this model is not supported as a student or a teacher of the teacher-mixed sampler."
+        )
+    finally:
+        lm.train(was_training)
+
+
+def _describe(error) -> str:
+    return f"error up to {error:.3g}" if isinstance(error, float) else error
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary, inputs
 
 
 def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokenizer) -> int:
@@ -111,47 +422,3 @@ def left_pad(token_lists: list[list[int]], pad_token_id: int) -> tuple[torch.Ten
     ids = pad([torch.tensor(ids) for ids in token_lists], padding_value=pad_token_id, padding_side="left")
     mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in token_lists], padding_value=0, padding_side="left")
     return ids, mask
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting only attended tokens, so left padding does not shift them (as `generate` does)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class IncrementalScorer:
-    """Runs a causal LM one token at a time over a KV cache and returns next-token log-probs.
-
-    Used for both the student and the teacher while sampling; the teacher's hidden states and log-probs from here are
-    the only teacher forward over the sampled tokens (rewards and the single-step term reuse them).
-    """
-
-    def __init__(self, model: torch.nn.Module, vocab_size: int, temperature: float):
-        self.backbone = language_model_backbone(model)
-        self.head = OutputHead(model, vocab_size)
-        self.temperature = temperature
-        self.cache = None
-
-    @torch.no_grad()
-    def __call__(self, input_ids, attention_mask, position_ids):
-        """Feed `input_ids` `[B, L]` (the prompt, then one token a call).
-
-        Returns:
-            `(hidden [B, H], logprobs [B, V])` for the next token after the last fed position.
-        """
-        outputs = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache = outputs.past_key_values
-        hidden = outputs.last_hidden_state[:, -1]
-        logits = self.head(hidden)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        return hidden, F.log_softmax(logits, dim=-1)
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop every other row from the KV cache (rows that finished generating)."""
-        self.cache.batch_select_indices(rows)

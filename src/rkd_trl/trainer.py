@@ -43,10 +43,10 @@ from .scoring import (
     OutputHead,
     check_finite_parameters,
     check_same_tokenizer,
-    language_model_backbone,
+    final_hidden_states,
     left_pad,
-    position_ids_from_mask,
     shared_vocab_size,
+    verify_scoring,
 )
 
 logger = logging.get_logger(__name__)
@@ -257,6 +257,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             parameter.requires_grad_(False)
         for model_name, checked in (("student", self.model), ("teacher", self.teacher_model)):
             check_finite_parameters(checked, model_name)
+        self._drop_ended_rows = self._verify_scoring()
         self._check_prompts(train_dataset, "train_dataset")
         self._check_prompts(eval_dataset, "eval_dataset")
 
@@ -343,6 +344,19 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             init_kwargs["device_map"] = {"": str(args.distributed_state.device)}
         init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
         return create_model_from_path(teacher_model, **init_kwargs)
+
+    def _verify_scoring(self) -> tuple[bool, bool]:
+        """Start-up probe of both models (`scoring.verify_scoring`): their hidden states, output heads and token-by-token
+        decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
+        finished rows can be dropped from the model's cache while sampling."""
+        with (
+            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student,
+            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+        ):
+            pad_token_id = self._tokenizer.pad_token_id
+            checks = [verify_scoring(model, self.vocab_size, pad_token_id, name)
+                      for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
+        return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
         # The teacher-mixed decode loop calls both models once per token, and each process stops when its own
@@ -492,6 +506,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 temperature=self.temperature,
                 top_k=self.top_k,
                 top_p=self.top_p,
+                drop_ended_rows=self._drop_ended_rows,
             )
 
         mask = rollout.completion_mask
@@ -635,7 +650,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             hidden[completion_mask],
             inputs["teacher_hidden"][completion_mask],
             OutputHead(unwrapped_student, self.vocab_size),
-            OutputHead(teacher, self.vocab_size, dtype=next(teacher.parameters()).dtype),
+            OutputHead(teacher, self.vocab_size),
             inputs["completion_ids"][completion_mask],
             inputs["old_logprobs"][completion_mask],
             inputs["advantages"][completion_mask],
@@ -671,29 +686,16 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         return int(self.accelerator.gather(count).max())
 
     def _completion_hidden_states(self, unwrapped_student, inputs):
-        """Student final hidden states that predict each completion token: `[B, C, H]`.
-
-        Positions come from the attention mask (as in sampling), so left padding changes nothing.
-        """
+        """Student final hidden states that predict each completion token: `[B, C, H]`, from the student's own forward
+        (positions from the attention mask, as in sampling, so left padding changes nothing)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        hidden = language_model_backbone(unwrapped_student)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state
+        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
         prompt_length = inputs["prompt_ids"].size(1)
         return hidden[:, prompt_length - 1 : -1]
 
     def _lm_loss_sum(self, unwrapped_student, inputs):
-        attention_mask = inputs["lm_attention_mask"]
-        hidden = language_model_backbone(unwrapped_student)(
-            input_ids=inputs["lm_input_ids"],
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state[:, :-1]
+        hidden = final_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])[:, :-1]
         labels = inputs["lm_labels"][:, 1:]
         valid = labels != -100
         total = lm_loss_sum(
