@@ -38,6 +38,7 @@ from trl.trainer.utils import (
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
+from .metrics import repeated_ngram_share
 from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
@@ -602,6 +603,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         max_weight = gather(masked_weights.max()).max()
         ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
         truncated = gather((~ended.any(1)).float())
+        token_lists = [row[valid].tolist() for row, valid in zip(rollout.completion_ids, mask)]
+        repetition = gather(torch.tensor([repeated_ngram_share([tokens], 4) for tokens in token_lists], device=mask.device))
 
         metrics = self._metrics[mode]
         metrics["minillm/reward_mean"].append(rewards.item())
@@ -612,6 +615,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         metrics["completions/min_length"].append(lengths.min().item())
         metrics["completions/max_length"].append(lengths.max().item())
         metrics["completions/clipped_ratio"].append(truncated.mean().item())
+        metrics["completions/repeated_4grams"].append(repetition.mean().item())
         if mode == "train":
             tokens = gather(prompt_mask.sum() + rollout.completion_mask.sum()).sum()
             self.state.num_input_tokens_seen += tokens.item()
