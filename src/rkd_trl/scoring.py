@@ -434,7 +434,12 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
 def check_finite_parameters(model: torch.nn.Module, name: str) -> None:
     """Raise if a floating-point parameter of `model` holds NaN or inf (a corrupt or badly converted checkpoint)."""
     for parameter_name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+        if not parameter.is_floating_point():
+            continue
+        finite = torch.isfinite(parameter).all()
+        if hasattr(finite, "full_tensor"):  # an FSDP2 shard: reduce over the processes, so that all of them agree
+            finite = finite.full_tensor()
+        if not finite:
             raise ValueError(
                 f"The {name}'s parameter `{parameter_name}` contains NaN or inf values: the checkpoint is corrupt or "
                 "was converted to a dtype it overflows. Reload it in float32/bfloat16 or from another checkpoint."
