@@ -5,7 +5,8 @@ and how many all-gathers each rollout made; then whether the non-finite check ca
 shard on both processes.
 
 Process 0 decodes the full `max_new_tokens` (no EOS id), process 1 stops after one token (every token is an EOS id):
-with collectives inside the decode loop the processes would wait for each other forever.
+with collectives inside the decode loop the processes would wait for each other forever. The LM loss is on, so each
+step's backward runs through two student forwards whose hidden states meet the output head outside the root forward.
 """
 
 import json
@@ -91,8 +92,8 @@ def main(output_dir: Path):
     for alpha in (0.2, 0.0):
         args = ReverseKLDistillConfig(
             output_dir=str(output_dir / f"alpha{alpha}"), max_new_tokens=6, teacher_mix_alpha=alpha, top_k=1,
-            per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, logging_steps=1, report_to=[],
-            bf16=False, use_cpu=True, save_strategy="no", seed=0,
+            lm_loss_weight=0.5, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, logging_steps=1,
+            report_to=[], bf16=False, use_cpu=True, save_strategy="no", seed=0,
         )  # fmt: skip
         trainer = ReverseKLDistillTrainer(
             model=tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=2),
