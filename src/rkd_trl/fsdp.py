@@ -60,10 +60,9 @@ def gathered(modules: list, reshard: bool = True):
     settings = [_reshard_after_forward_setting(module) for module in modules]
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
-    handles = [module.unshard(async_op=True) for module in modules]
-    for handle in handles:
-        if handle is not None:
-            handle.wait()
+        # One unit at a time: an all-gather lands in a flat buffer that is copied out into the parameters, so
+        # waiting on each before the next keeps a single such buffer alive.
+        module.unshard()
     try:
         yield
     finally:
