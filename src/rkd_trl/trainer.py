@@ -361,12 +361,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if self.is_fsdp_enabled and self._dist.fsdp_version != 2:
             raise ValueError(
                 "FSDP1 (fsdp_version: 1) is not supported; set `fsdp_version: 2` in the accelerate config "
-                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token, and "
-                "the loss projects hidden states with the output layer outside the root forward. FSDP2 can gather a "
-                "module's parameters once and keep them through any number of calls (`unshard`/`reshard`), which the "
-                "trainer does for each rollout; FSDP1 gathers its flat parameters per wrapped module at every call "
-                "(processes that decode different numbers of steps would wait for each other forever) and its "
-                "`summon_full_params` may not be used around a forward."
+                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token and each "
+                "process stops when its own completions end, so the trainer gathers each model once per rollout. "
+                "FSDP2 offers that (`unshard`/`reshard`); FSDP1 does not: its `summon_full_params` must not be used "
+                "around a forward, and with FULL_SHARD it gathers each wrapped module at every call, so processes "
+                "that decode different numbers of steps would wait for each other forever."
             )
         if self._dist.is_zero3 and not args.ds3_gather_for_generation:
             raise ValueError(
