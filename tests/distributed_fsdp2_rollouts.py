@@ -42,7 +42,7 @@ for name in ALL_GATHERS:
 
 
 def parameter_layout(model) -> dict:
-    """Per parameter: whether it is a DTensor, its placements, and the shapes of this process's part and of the whole."""
+    """Per parameter: whether it is a DTensor, its placements, the shapes of this process's part and of the whole."""
     layout = {}
     for name, parameter in model.named_parameters():
         sharded = isinstance(parameter, DTensor)

@@ -142,7 +142,8 @@ def test_fsdp2_shards_the_teacher_and_gathers_each_model_once_per_rollout(tmp_pa
     for run_0, run_1 in zip(processes[0]["runs"], processes[1]["runs"], strict=True):
         alpha = run_0["alpha"]
         for name in run_0["teacher_at_start"]:
-            layouts = [run[when][name] for when in ("teacher_at_start", "teacher_after_training") for run in (run_0, run_1)]
+            layouts = [run[when][name] for when in ("teacher_at_start", "teacher_after_training")
+                       for run in (run_0, run_1)]  # fmt: skip
             # Sharded between rollouts: each process holds its half of the rows (dim 0) of every teacher parameter.
             assert all(layout["dtensor"] and layout["placements"] == ["Shard(dim=0)"] for layout in layouts), name
             rows = layouts[0]["full"][0]

@@ -361,8 +361,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if self.is_fsdp_enabled and self._dist.fsdp_version != 2:
             raise ValueError(
                 "FSDP1 (fsdp_version: 1) is not supported; set `fsdp_version: 2` in the accelerate config "
-                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token and each "
-                "process stops when its own completions end, so the trainer gathers each model once per rollout. "
+                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token and "
+                "each process stops when its own completions end, so the trainer gathers each model once per rollout. "
                 "FSDP2 offers that (`unshard`/`reshard`); FSDP1 does not: its `summon_full_params` must not be used "
                 "around a forward, and with FULL_SHARD it gathers each wrapped module at every call, so processes "
                 "that decode different numbers of steps would wait for each other forever."
