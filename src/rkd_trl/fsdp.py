@@ -133,4 +133,24 @@ def shard_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     finally:
         accelerator.state.fsdp_plugin = plugin
     teacher.set_reshard_after_forward(True)
+    _check_fsdp2_internals(teacher)
     return teacher.eval()
+
+
+def _check_fsdp2_internals(module) -> None:
+    """Fail when the trainer is built if this torch's FSDP2 lacks what `gathered` and `forget_forwards` use."""
+    state = module._get_fsdp_state()
+    missing = [
+        name
+        for name, present in (
+            ("FSDPModule.reset_iter_state", hasattr(module, "reset_iter_state")),
+            ("FSDPState._fsdp_param_groups", hasattr(state, "_fsdp_param_groups")),
+            ("FSDPState._auto_reshard_after_forward", hasattr(state, "_auto_reshard_after_forward")),
+        )
+        if not present
+    ]
+    if missing:
+        raise RuntimeError(
+            f"FSDP2 training needs {', '.join(missing)}, which torch {torch.__version__} does not have. It is tested "
+            "with torch 2.13: upgrade torch, or use DDP or DeepSpeed ZeRO-3."
+        )

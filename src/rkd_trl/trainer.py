@@ -745,7 +745,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             yield OutputHead(model, self.vocab_size, module_hooks=False)
 
     def _student_hidden_states(self, unwrapped_student, input_ids, attention_mask):
-        """`scoring.final_hidden_states` of the student, for a loss that projects them with `_output_head`."""
+        """`scoring.final_hidden_states` of the student, for a loss that projects them with `_output_head`; under FSDP2
+        the head's unit is gathered again, if freed, when the backward reaches them (`fsdp.unshard_before_backward`)."""
         hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
         if fsdp_modules(unwrapped_student):
             holders = modules_holding(unwrapped_student, OutputHead(unwrapped_student, self.vocab_size).parameters())
