@@ -38,6 +38,19 @@ def test_output_head_applies_the_models_own_logit_post_processing(model_type):
     assert torch.allclose(head(hidden[0, 2]), model(input_ids=ids).logits[0, 2].float(), atol=1e-5)  # any shape
 
 
+def test_output_head_without_module_hooks_skips_the_hooks_and_computes_the_same_logits(tokenizer, make_student):
+    # Under FSDP2 the trainer gathers the output layer itself and calls it without the per-call hooks FSDP registers.
+    model = make_student(padded_vocab_rows=3)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: calls.append(module))
+    expected = OutputHead(model, len(tokenizer))(hidden)
+    assert len(calls) == 1
+    logits = OutputHead(model, len(tokenizer), module_hooks=False)(hidden)
+    assert len(calls) == 1
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
 def test_shared_vocab_drops_padding_rows(tokenizer, make_student):
     padded = make_student(padded_vocab_rows=5)
     plain = make_student()

@@ -163,11 +163,15 @@ def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, ma
 
 
 def test_sharded_decoding_that_could_hang_is_rejected(make_config, make_student, teacher, tokenizer, task):
-    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 runs in test_distributed).
+    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 and FSDP2 run in
+    # test_distributed).
     trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
     trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="FSDP is not supported: the teacher-mixed sampler"):
+    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=1)
+    with pytest.raises(ValueError, match=r"FSDP1 \(fsdp_version: 1\) is not supported; set `fsdp_version: 2`"):
         trainer._check_distributed_setup(trainer.args)
+    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=2)
+    trainer._check_distributed_setup(trainer.args)  # FSDP2: supported
     trainer.is_fsdp_enabled = False
     trainer._dist = SimpleNamespace(is_zero3=True)
     trainer.args.ds3_gather_for_generation = False

@@ -106,17 +106,35 @@ class _PassThroughBackbone:
         return getattr(self._backbone, name)
 
 
-class _WithBackbone:
-    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced."""
+class _WithoutModuleHooks:
+    """Stands for a module called through its `forward` alone, without the hooks `__call__` would run."""
 
-    def __init__(self, model, backbone):
+    def __init__(self, module):
+        self._module = module
+
+    def __call__(self, *args, **kwargs):
+        return self._module.forward(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+class _WithBackbone:
+    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced (and, without
+    `module_hooks`, its other submodules called without their hooks)."""
+
+    def __init__(self, model, backbone, module_hooks=True):
         self._model = model
         self._backbone = backbone
+        self._module_hooks = module_hooks
 
     def __getattr__(self, name):
         if name == self._model.base_model_prefix:
             return self._backbone
-        return getattr(self._model, name)
+        value = getattr(self._model, name)
+        if not self._module_hooks and isinstance(value, torch.nn.Module):
+            return _WithoutModuleHooks(value)
+        return value
 
 
 class OutputHead:
@@ -130,11 +148,16 @@ class OutputHead:
     Args:
         model: the causal LM (PEFT-wrapped or not).
         vocab_size: number of leading vocabulary rows kept; rows past it are padding rows of the embedding matrix.
+        module_hooks: call the output layer through its module hooks (the default). False calls its `forward` alone:
+            under FSDP2, whose hooks would gather and free the parameters at every call and register backward hooks
+            that free them before the backward is done, the caller gathers them once around all calls instead
+            (`fsdp.gathered`) and builds the head while they are gathered.
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, module_hooks: bool = True):
         self.model = causal_lm(model)
         self.vocab_size = vocab_size
+        self.module_hooks = module_hooks
         self.backbone = self.model.base_model
         weight = getattr(self.model.get_output_embeddings(), "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
@@ -148,7 +171,8 @@ class OutputHead:
         if self.dtype is not None:
             hidden = hidden.to(self.dtype)
         leading = hidden.shape[:-1]
-        stand_in = _WithBackbone(self.model, _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1))))
+        backbone = _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1)))
+        stand_in = _WithBackbone(self.model, backbone, self.module_hooks)
         logits = type(self.model).forward(stand_in, use_cache=False).logits
         return logits.reshape(*leading, logits.size(-1))[..., : self.vocab_size].float()
 
@@ -410,7 +434,12 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
 def check_finite_parameters(model: torch.nn.Module, name: str) -> None:
     """Raise if a floating-point parameter of `model` holds NaN or inf (a corrupt or badly converted checkpoint)."""
     for parameter_name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+        if not parameter.is_floating_point():
+            continue
+        finite = torch.isfinite(parameter).all()
+        if hasattr(finite, "full_tensor"):  # an FSDP2 shard: reduce over the processes, so that all of them agree
+            finite = finite.full_tensor()
+        if not finite:
             raise ValueError(
                 f"The {name}'s parameter `{parameter_name}` contains NaN or inf values: the checkpoint is corrupt or "
                 "was converted to a dtype it overflows. Reload it in float32/bfloat16 or from another checkpoint."

@@ -11,6 +11,7 @@ import os
 import shutil
 import textwrap
 import warnings
+from contextlib import contextmanager
 from typing import ClassVar
 
 import torch
@@ -37,6 +38,7 @@ from trl.trainer.utils import (
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
+from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .metrics import repeated_ngram_share
 from .sampling import sample_teacher_mixed
@@ -249,10 +251,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self._check_teacher_tokenizer(teacher_source, args)
         self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
         check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self.teacher_model = self._prepare_teacher(teacher_model)
         self.teacher_model.eval()
         for parameter in self.teacher_model.parameters():
             parameter.requires_grad_(False)
@@ -350,10 +349,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         """Start-up probe of both models (`scoring.verify_scoring`): their hidden states, output heads and token-by-token
         decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
         finished rows can be dropped from the model's cache while sampling."""
-        with (
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student,
-            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
-        ):
+        with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
             checks = [verify_scoring(model, self.vocab_size, pad_token_id, name)
                       for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
@@ -363,12 +359,14 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         # The teacher-mixed decode loop calls both models once per token, and each process stops when its own
         # completions have ended. With parameters gathered per layer at every call, processes would then make
         # different numbers of collective calls and wait for each other forever.
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and self._dist.fsdp_version != 2:
             raise ValueError(
-                "FSDP is not supported: the teacher-mixed sampler calls the models token by token outside their root "
-                "forward, and FSDP gathers parameters per layer at every call, which needs every process to decode the "
-                "same number of steps. Use DeepSpeed ZeRO-3 (examples/accelerate/zero3.yaml), which gathers each "
-                "model once for the whole decode loop, or DDP (examples/accelerate/multi_gpu.yaml)."
+                "FSDP1 (fsdp_version: 1) is not supported; set `fsdp_version: 2` in the accelerate config "
+                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token and "
+                "each process stops when its own completions end, so the trainer gathers each model once per rollout. "
+                "FSDP2 offers that (`unshard`/`reshard`); FSDP1 does not: its `summon_full_params` must not be used "
+                "around a forward, and with FULL_SHARD it gathers each wrapped module at every call, so processes "
+                "that decode different numbers of steps would wait for each other forever."
             )
         if self._dist.is_zero3 and not args.ds3_gather_for_generation:
             raise ValueError(
@@ -485,15 +483,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         prompt_ids, prompt_mask = left_pad(prompt_token_lists, self._tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.accelerator.device), prompt_mask.to(self.accelerator.device)
 
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as student,
-            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
-        ):
+        with self._models_for_rollout() as (student, teacher):
             rollout = sample_teacher_mixed(
                 student,
                 teacher,
@@ -650,22 +640,23 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        sums = minillm_loss_sums(
-            hidden[completion_mask],
-            inputs["teacher_hidden"][completion_mask],
-            OutputHead(unwrapped_student, self.vocab_size),
-            OutputHead(teacher, self.vocab_size),
-            inputs["completion_ids"][completion_mask],
-            inputs["old_logprobs"][completion_mask],
-            inputs["advantages"][completion_mask],
-            inputs["importance_weights"][completion_mask],
-            temperature=self.temperature,
-            clip_epsilon=self.args.ppo_clip_epsilon,
-            chunk_size=self.args.loss_chunk_size,
-            single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
-            sharded_head=self._dist.is_zero3,
-            min_chunks=self._max_chunk_count(num_tokens),
-        )
+        with self._output_head(unwrapped_student) as student_head, self._output_head(teacher) as teacher_head:
+            sums = minillm_loss_sums(
+                hidden[completion_mask],
+                inputs["teacher_hidden"][completion_mask],
+                student_head,
+                teacher_head,
+                inputs["completion_ids"][completion_mask],
+                inputs["old_logprobs"][completion_mask],
+                inputs["advantages"][completion_mask],
+                inputs["importance_weights"][completion_mask],
+                temperature=self.temperature,
+                clip_epsilon=self.args.ppo_clip_epsilon,
+                chunk_size=self.args.loss_chunk_size,
+                single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
+                sharded_head=self._dist.is_zero3,
+                min_chunks=self._max_chunk_count(num_tokens),
+            )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
         metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
@@ -694,23 +685,77 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         (positions from the attention mask, as in sampling, so left padding changes nothing)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
+        hidden = self._student_hidden_states(unwrapped_student, input_ids, attention_mask)
         prompt_length = inputs["prompt_ids"].size(1)
         return hidden[:, prompt_length - 1 : -1]
 
     def _lm_loss_sum(self, unwrapped_student, inputs):
-        hidden = final_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])[:, :-1]
+        hidden = self._student_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])
         labels = inputs["lm_labels"][:, 1:]
         valid = labels != -100
-        total = lm_loss_sum(
-            hidden[valid],
-            OutputHead(unwrapped_student, self.vocab_size),
-            labels[valid],
-            self.args.loss_chunk_size,
-            sharded_head=self._dist.is_zero3,
-            min_chunks=self._max_chunk_count(valid.sum()),
-        )
+        with self._output_head(unwrapped_student) as student_head:
+            total = lm_loss_sum(
+                hidden[:, :-1][valid],
+                student_head,
+                labels[valid],
+                self.args.loss_chunk_size,
+                sharded_head=self._dist.is_zero3,
+                min_chunks=self._max_chunk_count(valid.sum()),
+            )
         return total, valid.sum()
+
+    # ------------------------------------------------------------------ sharded models (DeepSpeed ZeRO-3, FSDP2)
+
+    def _prepare_teacher(self, teacher):
+        """The teacher as the backend holds it: a ZeRO-3 inference engine, sharded by FSDP2 like the student (no
+        optimizer), or placed whole on each process's device."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return shard_teacher(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    @contextmanager
+    def _models_for_rollout(self):
+        """`(student, teacher)` ready for token-by-token sampling: unwrapped by trl (ZeRO-3 gathers each model for the
+        block); under FSDP2 every FSDP module of both models is gathered once for the block, so the decode loop
+        makes no collective call and processes may decode different numbers of steps."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as student,
+            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+            gathered(fsdp_modules(student)),
+            gathered(fsdp_modules(teacher)),
+        ):
+            yield student, teacher
+        forget_forwards(self.teacher_model)
+
+    @contextmanager
+    def _output_head(self, model):
+        """`scoring.OutputHead` of `model` for the loss. Under FSDP2 the head runs outside the root forward: the FSDP
+        modules holding its parameters are gathered once for the block and the head bypasses their per-call hooks.
+        A head that is differentiated stays gathered after the block: FSDP reduces its gradients and frees it in the
+        backward, like the rest of the model."""
+        if not fsdp_modules(model):
+            yield OutputHead(model, self.vocab_size)
+            return
+        holders = modules_holding(model, OutputHead(model, self.vocab_size).parameters())
+        differentiated = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        with gathered(holders, reshard=not differentiated):
+            yield OutputHead(model, self.vocab_size, module_hooks=False)
+
+    def _student_hidden_states(self, unwrapped_student, input_ids, attention_mask):
+        """`scoring.final_hidden_states` of the student, for a loss that projects them with `_output_head`; under FSDP2
+        the head's unit is gathered again, if freed, when the backward reaches them (`fsdp.unshard_before_backward`)."""
+        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
+        if fsdp_modules(unwrapped_student):
+            holders = modules_holding(unwrapped_student, OutputHead(unwrapped_student, self.vocab_size).parameters())
+            unshard_before_backward(hidden, holders)
+        return hidden
 
     # ------------------------------------------------------------------ faults and checkpoints
 
@@ -734,6 +779,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         # its scale, and it must see them to do so. Only the loss is checked then, and the gradients are left alone.
         scaled = self.accelerator.scaler is not None
         grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
+        # FSDP2 keeps gradients as DTensor shards: each process checks its own (the verdict is gathered below).
+        grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
         if grads:
             finite = torch.stack([g.isfinite().all().to(nonfinite.device) for g in grads]).all()
             nonfinite = nonfinite + (~finite).float()
