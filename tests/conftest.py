@@ -37,6 +37,13 @@ def teacher(tokenizer, trained_teacher_state):
 
 
 @pytest.fixture
+def quantizable_teacher(tokenizer):
+    """An untrained teacher whose linear layers bitsandbytes' 4-bit kernels accept on every CPU: sizes 64 and 128,
+    multiples of the 32-row packing and of the 64-weight quantisation block (the 48-dim `teacher` is not)."""
+    return tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, seed=1).eval()
+
+
+@pytest.fixture
 def make_student(tokenizer):
     def make(seed=2, padded_vocab_rows=0):
         return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=seed, padded_vocab_rows=padded_vocab_rows)

@@ -114,6 +114,37 @@ def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> N
         )
 
 
+# bitsandbytes' 4-bit kernel for CPUs with AVX512-BF16 repacks each weight at the layer's first inference forward
+# (`bitsandbytes.functional._convert_weight_packed_for_cpu`) in blocks of this many output rows.
+BNB_CPU_4BIT_ROW_BLOCK = 32
+
+
+def check_4bit_teacher_runs_on_cpu(teacher) -> None:
+    """A 4-bit teacher on a CPU with AVX512-BF16 takes bitsandbytes' packed kernel, which needs every quantised
+    layer's `out_features` divisible by 32 and `in_features` by the quantisation block size; other CPUs (and GPUs) run
+    any shape. Raise here rather than with bitsandbytes' bare assertion at the first sampled token."""
+    if not getattr(teacher, "is_loaded_in_4bit", False) or next(teacher.parameters()).device.type != "cpu":
+        return
+    import bitsandbytes
+
+    if not bitsandbytes.functional.has_avx512bf16():
+        return
+    unsupported = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in teacher.named_modules()
+        if isinstance(module, bitsandbytes.nn.Linear4bit)
+        and (module.out_features % BNB_CPU_4BIT_ROW_BLOCK or module.in_features % module.weight.blocksize)
+    ]
+    if unsupported:
+        listed = ", ".join(unsupported[:3]) + (", ..." if len(unsupported) > 3 else "")
+        raise ValueError(
+            "The 4-bit teacher cannot run on this CPU: with AVX512-BF16, bitsandbytes' 4-bit kernel needs each "
+            f"quantised layer's output size divisible by {BNB_CPU_4BIT_ROW_BLOCK} and input size by the quantisation "
+            f"block size, and {len(unsupported)} layer(s) are not: {listed}. Load the teacher in 8-bit "
+            "(`load_in_8bit: true`), unquantised, or on a GPU."
+        )
+
+
 class ReverseKLDistillTrainer(DistillationTrainer):
     """Trainer for MiniLLM-style reverse-KL distillation ([MiniLLM: Knowledge Distillation of Large Language
     Models](https://huggingface.co/papers/2306.08543)).
@@ -248,6 +279,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self._check_teacher_tokenizer(teacher_source, args)
         self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
         check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
+        check_4bit_teacher_runs_on_cpu(teacher_model)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
         else:
