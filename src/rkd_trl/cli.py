@@ -8,11 +8,29 @@
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-import torch
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package (a faster 4-bit CPU
+# kernel, fetched from the Hub) is missing. peft imports bitsandbytes and transformers imports peft with
+# TrainingArguments, so it opened the output of every command; it only concerns 4-bit models on CPU (docs/faq.md).
+BITSANDBYTES_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _quiet_library_notices():
+    """Keep the start-up notices of optional libraries out of every command's output: bitsandbytes' missing-kernel
+    notice, and DeepSpeed's "Setting accelerator to CPU" warning (accelerate imports DeepSpeed, when installed,
+    whenever a model is unwrapped or saved): without an accelerator, name DeepSpeed's CPU accelerator
+    (`DS_ACCELERATOR=cpu`, DeepSpeed's own setting, which it would pick anyway) so that it does not search for one."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith(BITSANDBYTES_KERNELS_NOTICE)
+    )
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _demo(options):
@@ -165,6 +183,8 @@ def evaluate_model(options) -> dict:
     from .metrics import exact_match, reverse_kl_estimate, rouge_l
     from .trainer import to_prompt_completion
 
+    import torch
+
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or options.model)
     model = AutoModelForCausalLM.from_pretrained(options.model).eval()
@@ -281,6 +301,7 @@ def main(argv=None):
     _add_eval_parser(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
     options, _ = parser.parse_known_args(argv)
+    _quiet_library_notices()
     if options.command == "train":
         _train(argv[argv.index("train") + 1 :])
         return

@@ -50,6 +50,9 @@ from .scoring import (
 )
 
 logger = logging.get_logger(__name__)
+# trl 1.16's `unwrap_model_for_generation` (pinned) reads transformers' deprecated `is_gradient_checkpointing` at
+# every rollout; the deprecation warning is addressed to trl, and a user of this trainer can do nothing about it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Written next to `rng_state*.pth` in a checkpoint taken in the middle of a `ppo_epochs` window: the rollouts that the
 # remaining passes of the window reuse.
