@@ -67,10 +67,85 @@ def test_train_from_yaml_with_flags_overriding_it(tmp_path, tiny):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_train_without_a_teacher_says_which_flag_is_missing(tmp_path, tiny):
-    with pytest.raises(ValueError, match="--teacher_model_name_or_path"):
-        main(["train", "--model_name_or_path", str(tiny / "student"), "--dataset_name", str(tiny / "data"),
-              "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])  # fmt: skip
+def failing_command(capsys, *argv):
+    """Exit status and stderr of `rkd-trl ARGV`, which must fail."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_train_without_a_teacher_says_which_flag_is_missing(tmp_path, capsys, tiny):
+    assert failing_command(capsys, "train", "--model_name_or_path", str(tiny / "student"), "--dataset_name",
+                           str(tiny / "data"), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true") == (
+        2, "rkd-trl train: error: set the teacher with --teacher_model_name_or_path (a hub id or a local path)\n"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flag, typo, meant",
+    [("--dataset_name", "tiny/dta", "tiny/data"), ("--teacher_model_name_or_path", "tiny/teachr", "tiny/teacher"),
+     ("--model_name_or_path", "./tny/student", "tiny/student")],
+)  # fmt: skip
+def test_a_mistyped_local_path_fails_before_loading_and_names_the_closest_path(
+    monkeypatch, capsys, tiny, flag, typo, meant
+):
+    monkeypatch.chdir(tiny.parent)  # the recipe's relative paths, as in the quickstart
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # `tiny/dta` could be a Hub id
+    assert failing_command(capsys, "train", "--config", str(REPO / "examples/recipes/tiny.yaml"), flag, typo) == (
+        2, f"rkd-trl train: error: {flag} {typo}: no such file or directory (did you mean {meant}?)\n"
+    )  # fmt: skip
+    assert failing_command(capsys, "eval", "--model", "tiny/student", "--dataset", "tiny/dta") == (
+        2, "rkd-trl eval: error: --dataset tiny/dta: no such file or directory (did you mean tiny/data?)\n"
+    )  # fmt: skip
+
+
+def test_a_hub_id_that_is_not_cached_fails_at_once_when_the_hub_is_offline(tmp_path, monkeypatch, capsys, tiny):
+    import huggingface_hub
+
+    from rkd_trl.cli_checks import check_source
+
+    monkeypatch.chdir(tiny.parent)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, error = failing_command(capsys, "train", "--config", str(REPO / "examples/recipes/tiny.yaml"),
+                                  "--teacher_model_name_or_path", "some-org/teacher-7b")  # fmt: skip
+    assert code == 2 and error.startswith("rkd-trl train: error: --teacher_model_name_or_path some-org/teacher-7b: "
+                                          "not a local path, and not in the Hub cache while the Hub is offline")  # fmt: skip
+    (tmp_path / "hub" / "models--some-org--teacher-7b").mkdir(parents=True)
+    check_source("some-org/teacher-7b", "--teacher_model_name_or_path")  # in the cache: left to the libraries
+
+
+def test_unknown_recipe_keys_and_flags_fail_with_the_closest_field(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("teacher_mix_alfa: 0.3\nenv:\n  SOME_VARIABLE: 1\n")
+    assert failing_command(capsys, "train", "--config", str(recipe), "--lerning_rate", "1e-3") == (
+        2, f"rkd-trl train: error: unknown key `teacher_mix_alfa` in {recipe} (did you mean teacher_mix_alpha?); "
+        "unknown flag --lerning_rate (did you mean --learning_rate?)\n"
+    )  # fmt: skip
+    assert failing_command(capsys, "train", str(recipe)) == (
+        2, f"rkd-trl train: error: unexpected argument {recipe} (a recipe is given with --config {recipe})\n"
+    )  # fmt: skip
+    assert failing_command(capsys, "eval", "--model", "m", "--dataset", "d", "--sead", "1") == (
+        2, "rkd-trl eval: error: unknown flag --sead (did you mean --seed?)\n"
+    )  # fmt: skip
+
+
+def test_a_bad_value_prints_the_config_message_without_a_traceback(capsys):
+    assert failing_command(capsys, "train", "--config", str(REPO / "examples/recipes/tiny.yaml"),
+                           "--teacher_mix_alpha", "2") == (
+        2, "rkd-trl train: error: teacher_mix_alpha must be in [0, 1], got 2.0.\n"
+    )  # fmt: skip
+
+
+def test_an_error_past_the_arguments_keeps_its_traceback(monkeypatch, tmp_path, tiny):
+    def fail(*args, **kwargs):
+        raise ValueError("raised inside the trainer")
+
+    monkeypatch.setattr("rkd_trl.trainer.ReverseKLDistillTrainer", fail)
+    with pytest.raises(ValueError, match="raised inside the trainer"):
+        main(["train", "--config", str(REPO / "examples/recipes/tiny.yaml"), "--model_name_or_path",
+              str(tiny / "student"), "--teacher_model_name_or_path", str(tiny / "teacher"), "--dataset_name",
+              str(tiny / "data"), "--output_dir", str(tmp_path / "out")])  # fmt: skip
 
 
 def test_eval_of_the_teacher_against_itself_has_zero_reverse_kl(tmp_path, tiny):
