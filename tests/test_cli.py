@@ -63,7 +63,7 @@ def test_train_from_yaml_with_flags_overriding_it(tmp_path, tiny):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| optimizer steps | 2 |" in card  # the flag beat the YAML's 50
     assert "| `teacher_mix_alpha` | 0.3 |" in card
-    assert f"Teacher: `{tiny}/teacher`" in card
+    assert f"Teacher: `{tiny}/teacher` (a local checkpoint)." in card
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 

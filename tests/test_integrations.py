@@ -87,7 +87,7 @@ def test_model_card_has_citation_teacher_settings_and_final_metrics(
 
     card = (tmp_path / "out" / "README.md").read_text()
     assert "gu2024minillm" in card and "https://huggingface.co/papers/2306.08543" in card
-    assert f"Teacher: `{teacher_path}`" in card
+    assert f"Teacher: `{teacher_path}` (a local checkpoint)." in card
     assert "| `teacher_mix_alpha` | 0.35 |" in card and "| `gamma` | 0.9 |" in card
     assert "| optimizer steps | 2 |" in card
     last_kl = [e["minillm/reverse_kl"] for e in trainer.state.log_history if "minillm/reverse_kl" in e][-1]

@@ -8,9 +8,11 @@ the algorithm:
 """
 
 import os
+import re
 import shutil
 import textwrap
 import warnings
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -29,7 +31,6 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import (
     RepeatSampler,
     create_model_from_path,
-    get_config_model_id,
     pad,
     shuffle_sequence_dict,
     split_tensor_dict,
@@ -38,6 +39,7 @@ from trl.trainer.utils import (
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
+from .model_card import hub_repo_id, model_reference, origin_sentence
 from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
@@ -314,19 +316,35 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                      "minillm/clip_fraction", "completions/mean_length", "completions/clipped_ratio",
                      "loss/single_step", "loss/policy_gradient", "loss/lm", "entropy", "train_loss")  # fmt: skip
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card (MiniLLM citation, framework versions, tracker links), with a "Distillation" section: the
-        teacher, the distillation settings and the last logged metrics. `push_to_hub` and checkpoints call it too."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None):
+        """TRL's model card (tags, tracker links, framework versions, MiniLLM citation), with a "Distillation" section
+        (the teacher, the distillation settings and the last logged metrics) and with the names that TRL's template
+        gets wrong for local paths and model objects set right (`model_card`): the title is `model_name`, by default
+        the repository or output folder's name; the base model and the dataset are Hub links and metadata only when
+        they are Hub ids; the quick-start snippet loads the Hub repository, or the output folder before a push.
+        `license` (a Hub license id, e.g. "apache-2.0") goes into the metadata. `push_to_hub` calls it too."""
+        if model_name is None:
+            model_name = Path(self.args.hub_model_id or self.args.output_dir).name
+        hub_dataset = hub_repo_id(dataset_name)
+        super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
         card = ModelCard.load(path)
+        card.data.pop("licence")  # a placeholder of TRL's template, not the Hub's `license` field
+        card.data.license = license
+        card.data.base_model = hub_repo_id(self.model.config.name_or_path)
+        card.data.datasets = [hub_dataset] if hub_dataset else None  # the Hub's metadata schema: a list of ids
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        origin = origin_sentence(self.model, teacher, dataset_name)
+        card.text = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: origin, card.text, count=1,
+                           flags=re.MULTILINE)  # fmt: skip
+        card.text = card.text.replace('model="None"', f'model="{self.hub_model_id or self.args.output_dir}"', 1)
         card.text = card.text.replace("### Framework versions", self._distillation_card_section() + "### Framework versions", 1)
         card.save(path)
 
     def _distillation_card_section(self) -> str:
-        teacher_name = get_config_model_id(self.accelerator.unwrap_model(self.teacher_model).config)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
         global_batch = (
             self.args.per_device_train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
         )
@@ -334,7 +352,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             "### Distillation",
             "",
             (
-                f"Teacher: `{teacher_name or 'a model object without a name'}`. Objective: sequence-level reverse KL "
+                f"Teacher: {model_reference(teacher)}. Objective: sequence-level reverse KL "
                 "`KL(student || teacher)` minimised by policy gradient (MiniLLM), on completions sampled from "
                 "`teacher_mix_alpha · teacher + (1 - teacher_mix_alpha) · student`."
             ),
