@@ -1,5 +1,5 @@
 """The documentation stays true: the configuration reference matches the config's help metadata, and what the
-quickstart's commands write is ignored by git."""
+quickstart's commands write is ignored by git, and no sentence is left unfinished."""
 
 import importlib.util
 import re
@@ -57,3 +57,15 @@ def test_what_the_quickstart_writes_is_ignored_by_git():
         if subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=REPO).returncode != 0
     ]  # fmt: skip
     assert not not_ignored, f"add to .gitignore what the documented commands write: {not_ignored}"
+
+
+def test_no_sentence_ends_in_a_colon_with_nothing_after_it():
+    pages = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
+    dangling = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "(code block)", page.read_text(), flags=re.DOTALL)
+        paragraphs = [paragraph.strip() for paragraph in re.split(r"\n\s*\n", text) if paragraph.strip()]
+        for paragraph, following in zip(paragraphs, [*paragraphs[1:], None]):
+            if paragraph.endswith(":") and (following is None or following.startswith("#")):
+                dangling.append(f"{page.relative_to(REPO)}: …{paragraph[-60:]}")
+    assert not dangling, dangling
