@@ -22,11 +22,12 @@ from .cli_checks import UsageError, check_file, check_source, did_you_mean
 BITSANDBYTES_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 
 
-def _quiet_library_notices():
-    """Keep the start-up notices of optional libraries out of every command's output: bitsandbytes' missing-kernel
-    notice, and DeepSpeed's "Setting accelerator to CPU" warning (accelerate imports DeepSpeed, when installed,
-    whenever a model is unwrapped or saved): without an accelerator, name DeepSpeed's CPU accelerator
-    (`DS_ACCELERATOR=cpu`, DeepSpeed's own setting, which it would pick anyway) so that it does not search for one."""
+def quiet_library_notices():
+    """Keep the start-up notices of optional libraries out of a command's output (`rkd-trl` and the example scripts
+    call it first): bitsandbytes' missing-kernel notice, and DeepSpeed's "Setting accelerator to CPU" warning
+    (accelerate imports DeepSpeed, when installed, whenever a model is unwrapped or saved): without an accelerator,
+    name DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`, DeepSpeed's own setting, which it would pick anyway) so
+    that it does not search for one."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: not record.getMessage().startswith(BITSANDBYTES_KERNELS_NOTICE)
     )
@@ -374,7 +375,7 @@ def main(argv=None):
     _add_eval_parser(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
     options, unknown = parser.parse_known_args(argv)
-    _quiet_library_notices()
+    quiet_library_notices()
     if options.command == "train":
         _train(argv[argv.index("train") + 1 :])
         return
