@@ -21,7 +21,8 @@ def run_python(*arguments, cwd=REPO):
 
 
 def test_import_loads_no_optional_library_and_help_prints_nothing_on_stderr():
-    loaded = run_python("-c", f"import sys, rkd_trl, rkd_trl.cli; print([m for m in {OPTIONAL_LIBRARIES} if m in sys.modules])")
+    code = f"import sys, rkd_trl, rkd_trl.cli; print([name for name in {OPTIONAL_LIBRARIES} if name in sys.modules])"
+    loaded = run_python("-c", code)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.splitlines()[-1] == "[]", loaded.stdout
     for command in (["--help"], ["train", "--help"]):
@@ -109,8 +110,10 @@ def test_a_hub_id_that_is_not_cached_fails_at_once_when_the_hub_is_offline(tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     code, error = failing_command(capsys, "train", "--config", str(REPO / "examples/recipes/tiny.yaml"),
                                   "--teacher_model_name_or_path", "some-org/teacher-7b")  # fmt: skip
-    assert code == 2 and error.startswith("rkd-trl train: error: --teacher_model_name_or_path some-org/teacher-7b: "
-                                          "not a local path, and not in the Hub cache while the Hub is offline")  # fmt: skip
+    assert code == 2 and error.startswith(
+        "rkd-trl train: error: --teacher_model_name_or_path some-org/teacher-7b: not a local path, and not in the Hub "
+        "cache while the Hub is offline"
+    )
     (tmp_path / "hub" / "models--some-org--teacher-7b").mkdir(parents=True)
     check_source("some-org/teacher-7b", "--teacher_model_name_or_path")  # in the cache: left to the libraries
 

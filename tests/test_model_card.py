@@ -85,8 +85,8 @@ def test_card_of_a_trainer_given_model_objects(tmp_path, monkeypatch, make_confi
         "metadata": {"base_model": "some-org/student-base", "datasets": ["some-org/prompts"], "license": "apache-2.0",
                      "library_name": "transformers", "model_name": "out"},  # fmt: skip
         "title": "# Model Card for out",
-        "hub_links": {PAPER, "https://huggingface.co/some-org/student-base",
-                      "https://huggingface.co/some-org/teacher-7b", "https://huggingface.co/datasets/some-org/prompts"},
+        "hub_links": {PAPER, *(f"https://huggingface.co/{name}" for name in
+                                ("some-org/student-base", "some-org/teacher-7b", "datasets/some-org/prompts"))},
         "quick_start_model": "user/out",
     }  # fmt: skip
     assert "Teacher: [some-org/teacher-7b](https://huggingface.co/some-org/teacher-7b)." in card.text

@@ -292,7 +292,8 @@ def _single_user_turn(prompt):
 
 def check_eval_sources(options):
     """Raise `UsageError` before anything is loaded when a model, tokenizer or dataset names nothing loadable."""
-    for argument, name in (("--model", options.model), ("--teacher", options.teacher), ("--tokenizer", options.tokenizer)):
+    models = {"--model": options.model, "--teacher": options.teacher, "--tokenizer": options.tokenizer}
+    for argument, name in models.items():
         if name is not None:
             check_source(name, argument)
     check_source(options.dataset, "--dataset", repo_type="dataset")

@@ -102,13 +102,13 @@ class ReverseKLDistillConfig(DistillationConfig):
         metadata={"help": "Disable dropout in the student so sampling-time and training-time log-probs agree."},
     )
     # trl's configs default transformers' deprecated `gradient_checkpointing` to True, which made every config warn
-    # about the deprecation; here the deprecated name stays unset unless given, and `__post_init__` applies the default.
+    # about the deprecation; here the deprecated name stays unset unless given, and `__post_init__` sets the default.
     activation_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Recompute the student's activations in backward to save memory. None = on (trl's default)."},
+        metadata={"help": "Recompute the student's activations in backward to save memory. None = on (as in trl)."},
     )
     gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); warns when set."}
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); warns if set."}
     )
 
     # MiniLLM
