@@ -84,6 +84,7 @@ def run_quickstart(folder: Path) -> dict:
         "environment": {
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg()[1],  # over the last 5 minutes: other work slows the steps down
             "python": platform.python_version(),
             **{library: importlib.metadata.version(library) for library in LIBRARIES},
         },
@@ -108,7 +109,7 @@ def eval_table(results: dict) -> str:
         "Measured by `benchmarks/quickstart.py`, which runs steps 2–4 in a fresh folder and renders this table, on "
         f"{environment['cpu']} ({environment['cpu_count']} cores) with Python {environment['python']}, {versions}; "
         "the figures move with the CPU and with the versions of torch and the libraries. Steps 2–4 took "
-        f"{sum(results['seconds'].values()):.0f} s.)"
+        f"{sum(results['seconds'].values()):.0f} s, at a load average of {environment['load_average']:.1f}.)"
     )
     header = ["| model | Rouge-L | exact match | length | reverse KL (nats) |", "|---|---|---|---|---|"]
     return "\n".join([*header, *rows, "", textwrap.fill(note, width=119, break_on_hyphens=False)])
