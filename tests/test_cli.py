@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -116,6 +117,22 @@ def test_a_hub_id_that_is_not_cached_fails_at_once_when_the_hub_is_offline(tmp_p
     )
     (tmp_path / "hub" / "models--some-org--teacher-7b").mkdir(parents=True)
     check_source("some-org/teacher-7b", "--teacher_model_name_or_path")  # in the cache: left to the libraries
+
+
+def test_dataset_mixture_paths_are_checked_unless_they_name_a_builder_of_data_files(monkeypatch, tiny):
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+    from trl.scripts.utils import DatasetConfig
+
+    from rkd_trl.cli import check_train_sources
+    from rkd_trl.cli_checks import UsageError
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    models = (types.SimpleNamespace(teacher_model_name_or_path=str(tiny / "teacher")),
+              ModelConfig(model_name_or_path=str(tiny / "student")))  # fmt: skip
+    builder = DatasetConfig(path="json", data_files=str(tiny / "data" / "train.jsonl"))
+    check_train_sources(ScriptArguments(), *models, DatasetMixtureConfig(datasets=[builder]))
+    with pytest.raises(UsageError, match=f"datasets: path: {tiny}/dta: no such file or directory"):
+        check_train_sources(ScriptArguments(), *models, DatasetMixtureConfig(datasets=[DatasetConfig(f"{tiny}/dta")]))
 
 
 def test_unknown_recipe_keys_and_flags_fail_with_the_closest_field(tmp_path, capsys):

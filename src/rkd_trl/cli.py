@@ -143,7 +143,8 @@ def check_train_sources(script_args, training_args, model_args, dataset_args):
     check_source(training_args.teacher_model_name_or_path, "--teacher_model_name_or_path")
     if dataset_args.datasets:
         for dataset in dataset_args.datasets:
-            check_source(dataset.path, "datasets: path:", repo_type="dataset")
+            if dataset.data_files is None:  # with data files, `path` may name a builder (`json`, `parquet`, ...)
+                check_source(dataset.path, "datasets: path:", repo_type="dataset")
     elif script_args.dataset_name:
         check_source(script_args.dataset_name, "--dataset_name", repo_type="dataset")
     else:
