@@ -26,7 +26,7 @@ def test_import_loads_no_optional_library_and_help_prints_nothing_on_stderr():
     loaded = run_python("-c", code)
     assert loaded.returncode == 0, loaded.stderr
     assert loaded.stdout.splitlines()[-1] == "[]", loaded.stdout
-    for command in (["--help"], ["train", "--help"]):
+    for command in (["--help"], ["eval", "--help"]):  # `train` imports trl: its output is checked by the next test
         result = run_python("-m", "rkd_trl.cli", *command)
         assert result.returncode == 0 and result.stdout.startswith("usage: rkd-trl"), command
         assert result.stderr == "", (command, result.stderr)
