@@ -36,6 +36,12 @@ def closest_existing_path(path: str) -> str | None:
     return str(fixed) if fixed.exists() else None
 
 
+def path_hint(name: str) -> str:
+    """` (did you mean P?)` for the existing path closest to `name`, or an empty string."""
+    suggestion = closest_existing_path(name)
+    return f" (did you mean {suggestion}?)" if suggestion else ""
+
+
 def looks_local(name: str) -> bool:
     """Whether `name` can only mean a local path: it is not a valid Hub repository id (`./x`, `/x`, `~/x`, `a/b/c`),
     names a file (`train.jsonl`), or starts with a folder that exists here (`tiny/dta` next to `tiny/`)."""
@@ -85,8 +91,3 @@ def check_file(name: str, argument: str) -> None:
     """Raise `UsageError` when the file `name`, given as `argument`, does not exist."""
     if not Path(name).expanduser().is_file():
         raise UsageError(f"{argument} {name}: no such file{path_hint(name)}")
-
-
-def path_hint(name: str) -> str:
-    suggestion = closest_existing_path(name)
-    return f" (did you mean {suggestion}?)" if suggestion else ""
