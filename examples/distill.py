@@ -32,9 +32,10 @@ python examples/distill.py --config examples/recipes/qwen2.5-7b-to-0.5b-lora-4bi
 names, see docs/migrating-from-gkd.md.
 """
 
-from rkd_trl.cli import make_train_parser, train
+from rkd_trl.cli import make_train_parser, quiet_library_notices, train
 
 if __name__ == "__main__":
+    quiet_library_notices()
     parser = make_train_parser(prog="examples/distill.py")
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
     train(script_args, training_args, model_args, dataset_args)

@@ -8,10 +8,12 @@ the algorithm:
 """
 
 import os
+import re
 import shutil
 import textwrap
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -30,7 +32,6 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import (
     RepeatSampler,
     create_model_from_path,
-    get_config_model_id,
     pad,
     shuffle_sequence_dict,
     split_tensor_dict,
@@ -41,6 +42,7 @@ from .config import ReverseKLDistillConfig
 from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .metrics import repeated_ngram_share
+from .model_card import hub_repo_id, model_reference, origin_sentence
 from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
@@ -53,6 +55,9 @@ from .scoring import (
 )
 
 logger = logging.get_logger(__name__)
+# trl 1.16's `unwrap_model_for_generation` (pinned) reads transformers' deprecated `is_gradient_checkpointing` at
+# every rollout; the deprecation warning is addressed to trl, and a user of this trainer can do nothing about it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Written next to `rng_state*.pth` in a checkpoint taken in the middle of a `ppo_epochs` window: the rollouts that the
 # remaining passes of the window reuse.
@@ -114,6 +119,37 @@ def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> N
             "The teacher is quantised with bitsandbytes, and DeepSpeed ZeRO-3 / FSDP cannot shard 4-bit or 8-bit "
             "weights. Use data parallelism (examples/accelerate/multi_gpu.yaml), where each process holds the "
             "whole quantised teacher, or an unquantised teacher sharded by ZeRO-3 / FSDP."
+        )
+
+
+# bitsandbytes' 4-bit kernel for CPUs with AVX512-BF16 repacks each weight at the layer's first inference forward
+# (`bitsandbytes.functional._convert_weight_packed_for_cpu`) in blocks of this many output rows.
+BNB_CPU_4BIT_ROW_BLOCK = 32
+
+
+def check_4bit_teacher_runs_on_cpu(teacher) -> None:
+    """A 4-bit teacher on a CPU with AVX512-BF16 takes bitsandbytes' packed kernel, which needs every quantised
+    layer's `out_features` divisible by 32 and `in_features` by the quantisation block size; other CPUs (and GPUs) run
+    any shape. Raise here rather than with bitsandbytes' bare assertion at the first sampled token."""
+    if not getattr(teacher, "is_loaded_in_4bit", False) or next(teacher.parameters()).device.type != "cpu":
+        return
+    import bitsandbytes
+
+    if not bitsandbytes.functional.has_avx512bf16():
+        return
+    unsupported = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in teacher.named_modules()
+        if isinstance(module, bitsandbytes.nn.Linear4bit)
+        and (module.out_features % BNB_CPU_4BIT_ROW_BLOCK or module.in_features % module.weight.blocksize)
+    ]
+    if unsupported:
+        listed = ", ".join(unsupported[:3]) + (", ..." if len(unsupported) > 3 else "")
+        raise ValueError(
+            "The 4-bit teacher cannot run on this CPU: with AVX512-BF16, bitsandbytes' 4-bit kernel needs each "
+            f"quantised layer's output size divisible by {BNB_CPU_4BIT_ROW_BLOCK} and input size by the quantisation "
+            f"block size, and {len(unsupported)} layer(s) are not: {listed}. Load the teacher in 8-bit "
+            "(`load_in_8bit: true`), unquantised, or on a GPU."
         )
 
 
@@ -251,6 +287,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self._check_teacher_tokenizer(teacher_source, args)
         self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
         check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
+        check_4bit_teacher_runs_on_cpu(teacher_model)
         self.teacher_model = self._prepare_teacher(teacher_model)
         self.teacher_model.eval()
         for parameter in self.teacher_model.parameters():
@@ -280,19 +317,35 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                      "minillm/clip_fraction", "completions/mean_length", "completions/clipped_ratio",
                      "loss/single_step", "loss/policy_gradient", "loss/lm", "entropy", "train_loss")  # fmt: skip
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card (MiniLLM citation, framework versions, tracker links), with a "Distillation" section: the
-        teacher, the distillation settings and the last logged metrics. `push_to_hub` and checkpoints call it too."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None):
+        """TRL's model card (tags, tracker links, framework versions, MiniLLM citation), with a "Distillation" section
+        (the teacher, the distillation settings and the last logged metrics) and with the names that TRL's template
+        gets wrong for local paths and model objects set right (`model_card`): the title is `model_name`, by default
+        the repository or output folder's name; the base model and the dataset are Hub links and metadata only when
+        they are Hub ids; the quick-start snippet loads the Hub repository, or the output folder before a push.
+        `license` (a Hub license id, e.g. "apache-2.0") goes into the metadata. `push_to_hub` calls it too."""
+        if model_name is None:
+            model_name = Path(self.args.hub_model_id or self.args.output_dir).name
+        hub_dataset = hub_repo_id(dataset_name)
+        super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
         card = ModelCard.load(path)
+        card.data.pop("licence")  # a placeholder of TRL's template, not the Hub's `license` field
+        card.data.license = license
+        card.data.base_model = hub_repo_id(self.model.config.name_or_path)
+        card.data.datasets = [hub_dataset] if hub_dataset else None  # the Hub's metadata schema: a list of ids
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        origin = origin_sentence(self.model, teacher, dataset_name)
+        card.text = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: origin, card.text, count=1,
+                           flags=re.MULTILINE)  # fmt: skip
+        card.text = card.text.replace('model="None"', f'model="{self.hub_model_id or self.args.output_dir}"', 1)
         card.text = card.text.replace("### Framework versions", self._distillation_card_section() + "### Framework versions", 1)
         card.save(path)
 
     def _distillation_card_section(self) -> str:
-        teacher_name = get_config_model_id(self.accelerator.unwrap_model(self.teacher_model).config)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
         global_batch = (
             self.args.per_device_train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
         )
@@ -300,7 +353,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             "### Distillation",
             "",
             (
-                f"Teacher: `{teacher_name or 'a model object without a name'}`. Objective: sequence-level reverse KL "
+                f"Teacher: {model_reference(teacher)}. Objective: sequence-level reverse KL "
                 "`KL(student || teacher)` minimised by policy gradient (MiniLLM), on completions sampled from "
                 "`teacher_mix_alpha · teacher + (1 - teacher_mix_alpha) · student`."
             ),
