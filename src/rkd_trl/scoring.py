@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
+from peft import PeftModel
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMode
@@ -25,7 +25,9 @@ from trl.trainer.utils import pad
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers `*ForCausalLM` inside a model that may be PEFT-wrapped (adapters stay active in it)."""
-    return model.base_model.model if is_peft_model(model) else model
+    # An isinstance check: accelerate's `is_peft_model` reads package metadata at every call (milliseconds), and this
+    # runs at every decoding step.
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
