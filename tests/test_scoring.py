@@ -38,6 +38,16 @@ def test_output_head_applies_the_models_own_logit_post_processing(model_type):
     assert torch.allclose(head(hidden[0, 2]), model(input_ids=ids).logits[0, 2].float(), atol=1e-5)  # any shape
 
 
+@pytest.mark.parametrize("model_type", ["opt", "llama4_text", "mllama", "gemma4_unified_text"])
+def test_backbone_and_output_head_are_the_ones_the_forward_uses(model_type):
+    """OPT's causal LM calls `self.model.decoder` directly, Llama 4 and Mllama keep their backbone under another name
+    than `base_model_prefix`, Gemma 4's forward reads the input length: hidden states and head reproduce each forward."""
+    model = tiny_model(model_type)
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden_states(model, ids, torch.ones_like(ids))
+    assert torch.allclose(OutputHead(model, VOCAB_SIZE)(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
+
+
 def test_shared_vocab_drops_padding_rows(tokenizer, make_student):
     padded = make_student(padded_vocab_rows=5)
     plain = make_student()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput
@@ -31,8 +31,24 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head."""
-    return causal_lm(model).base_model
+    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head.
+
+    The base model (its pretrained submodule where `base_model_prefix` names no attribute, as in Llama 4), or the
+    decoder inside it (`get_decoder()`) where the causal LM's forward calls that directly (OPT: `self.model.decoder`).
+    """
+    lm = causal_lm(model)
+    base_model = lm.base_model
+    if base_model is lm:
+        base_model = next(module for module in lm.children() if isinstance(module, PreTrainedModel))
+    return base_model.get_decoder()
+
+
+def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> list[str]:
+    """Attribute names that lead from `root` to its submodule `module` (`["model"]`, `["model", "decoder"]`)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name.split(".")
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
 
 
 def accepted_arguments(model: torch.nn.Module) -> set[str]:
@@ -99,26 +115,30 @@ class _PassThroughBackbone:
 
     def __init__(self, backbone, hidden):
         self._backbone = backbone
-        self._hidden = hidden
+        self.hidden = hidden
 
     def __call__(self, *args, **kwargs):
-        return _HiddenStatesOnly(last_hidden_state=self._hidden)
+        return _HiddenStatesOnly(last_hidden_state=self.hidden)
 
     def __getattr__(self, name):
         return getattr(self._backbone, name)
 
 
 class _WithBackbone:
-    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced."""
+    """Stands for a causal LM inside its own `forward`, with the module at attribute path `path` replaced by
+    `backbone` (each module on the way is a stand-in too, so that OPT's `self.model.decoder` reaches it)."""
 
-    def __init__(self, model, backbone):
+    def __init__(self, model, path: list[str], backbone):
         self._model = model
+        self._path = path
         self._backbone = backbone
 
     def __getattr__(self, name):
-        if name == self._model.base_model_prefix:
+        if name != self._path[0]:
+            return getattr(self._model, name)
+        if len(self._path) == 1:
             return self._backbone
-        return getattr(self._model, name)
+        return _WithBackbone(getattr(self._model, name), self._path[1:], self._backbone)
 
 
 class OutputHead:
@@ -137,7 +157,8 @@ class OutputHead:
     def __init__(self, model: torch.nn.Module, vocab_size: int):
         self.model = causal_lm(model)
         self.vocab_size = vocab_size
-        self.backbone = self.model.base_model
+        self.backbone = language_model_backbone(self.model)
+        self.backbone_path = _module_path(self.model, self.backbone)
         weight = getattr(self.model.get_output_embeddings(), "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
         backbone_only = {id(p) for p in self.backbone.parameters()} - {
@@ -150,8 +171,10 @@ class OutputHead:
         if self.dtype is not None:
             hidden = hidden.to(self.dtype)
         leading = hidden.shape[:-1]
-        stand_in = _WithBackbone(self.model, _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1))))
-        logits = type(self.model).forward(stand_in, use_cache=False).logits
+        pass_through = _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1)))
+        stand_in = _WithBackbone(self.model, self.backbone_path, pass_through)
+        # The hidden states stand as input embeddings too: some forwards read the input length (Gemma 4).
+        logits = type(self.model).forward(stand_in, inputs_embeds=pass_through.hidden, use_cache=False).logits
         return logits.reshape(*leading, logits.size(-1))[..., : self.vocab_size].float()
 
     def parameters(self):
