@@ -48,6 +48,15 @@ def test_backbone_and_output_head_are_the_ones_the_forward_uses(model_type):
     assert torch.allclose(OutputHead(model, VOCAB_SIZE)(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
 
 
+def test_final_hidden_states_cover_every_position_of_a_backbone_that_can_skip_positions():
+    """Gemma 4 runs its KV-shared layers on the last `logits_to_keep` positions only when that is an integer."""
+    model = tiny_model("gemma4_text")
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden_states(model, ids, torch.ones_like(ids))
+    assert hidden.shape[:2] == ids.shape
+    assert torch.allclose(OutputHead(model, VOCAB_SIZE)(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
+
+
 def test_shared_vocab_drops_padding_rows(tokenizer, make_student):
     padded = make_student(padded_vocab_rows=5)
     plain = make_student()

@@ -69,7 +69,9 @@ def forward_arguments(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if "position_ids" in accepted:
         arguments["position_ids"] = position_ids_from_mask(attention_mask)
     if "logits_to_keep" in accepted:
-        arguments.setdefault("logits_to_keep", 1)
+        # Given as the index of the last position: an integer also lets some backbones drop the earlier positions
+        # before their last layers (Gemma 4's KV-shared layers), and those hidden states are what the caller wants.
+        arguments.setdefault("logits_to_keep", torch.tensor([input_ids.size(1) - 1], device=input_ids.device))
     return arguments
 
 
