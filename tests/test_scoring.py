@@ -138,3 +138,30 @@ def test_probe_refuses_a_model_whose_incremental_scores_differ_from_its_forward(
     model.forward = forward_off_when_cached.__get__(model)
     with pytest.raises(ValueError, match="student .*model_type='llama'.*cannot be decoded token by token"):
         verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")
+
+
+def test_probe_refuses_a_model_whose_forward_raises(make_student, tokenizer):
+    model = make_student().eval()
+    forward = type(model).forward
+
+    def forward_without_positions(self, *args, position_ids=None, **kwargs):
+        if position_ids is not None:
+            raise RuntimeError("position ids are not supported")
+        return forward(self, *args, **kwargs)
+
+    model.forward = forward_without_positions.__get__(model)
+    with pytest.raises(ValueError, match="student .*cannot be scored: its forward .*position ids are not supported"):
+        verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")
+
+
+def test_probe_checks_the_hidden_states_as_the_losses_compute_them(monkeypatch):
+    """Were `final_hidden_states` to pass an integer `logits_to_keep`, Gemma 4 would return one hidden state per row:
+    the probe refuses the model rather than let the losses fail or score the wrong positions."""
+    import rkd_trl.scoring as scoring
+
+    forward_arguments = scoring.forward_arguments
+    monkeypatch.setattr(
+        scoring, "forward_arguments", lambda *args, **kwargs: forward_arguments(*args, **kwargs) | {"logits_to_keep": 1}
+    )
+    with pytest.raises(ValueError, match="cannot be scored"):
+        verify_scoring(tiny_model("gemma4_text"), VOCAB_SIZE, 0, "teacher")

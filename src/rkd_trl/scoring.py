@@ -345,10 +345,11 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows)
 def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str) -> ScoringCheck:
     """Start-up probe: the scores this package computes for `model` equal those of its own plain forward.
 
-    On three short left-padded sequences that end at different steps it checks that (1) the final hidden states and
-    `OutputHead` reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them token by token, first
-    dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the model type and what
-    differs when neither way reproduces the forward (then training would learn from wrong numbers).
+    On three short left-padded sequences that end at different steps it checks that (1) `final_hidden_states` and
+    `OutputHead`, as the losses use them, reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them
+    token by token, first dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the
+    model type and what differs when neither way reproduces the forward, or when the forward cannot run (then training
+    would learn from wrong numbers, or fail later).
     """
     lm = causal_lm(model)
     device = next(lm.parameters()).device
@@ -364,12 +365,17 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
         attention_mask = torch.cat([batch[1], batch[3]], 1)
         arguments = forward_arguments(lm, input_ids, attention_mask, use_cache=False)
         arguments.pop("logits_to_keep", None)
-        with captured_hidden_states(lm) as box:
-            logits = lm(**arguments).logits[..., :vocab_size].float()
         valid = attention_mask.bool()
-        head_error = _logprob_discrepancy(
-            F.log_softmax(logits[valid], -1), F.log_softmax(head(box["hidden"][valid]), -1)
-        )
+        try:
+            logits = lm(**arguments).logits[..., :vocab_size].float()
+            head_logits = head(final_hidden_states(lm, input_ids, attention_mask)[valid])
+        except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
+            raise ValueError(
+                f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored: its forward over "
+                "left-padded sequences (positions from the attention mask, as `generate` gives them), or its output "
+                f"head on its final hidden states, raises {type(error).__name__}: {error}"
+            ) from error
+        head_error = _logprob_discrepancy(F.log_softmax(logits[valid], -1), F.log_softmax(head_logits, -1))
         if not head_error <= tolerance:
             raise ValueError(
                 f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored from its hidden states: "
