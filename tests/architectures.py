@@ -318,7 +318,7 @@ REFUSED = {
     ),
     "doge": Refusal(
         NOT_REPRODUCIBLE,
-        "dynamic-mask attention: once a sequence is longer than `keep_window_size` (4 here, 2048 by default), its own "
+        "dynamic-mask attention: once a sequence is longer than `keep_window_size` (4 in the tests, 2048 by default), its own "
         "`generate` disagrees with its forward (by up to 0.13 in log-probability)",
     ),
     "minimax": Refusal(
@@ -333,7 +333,7 @@ REFUSED = {
     ),
     "moshi": Refusal(
         NOT_REPRODUCIBLE,
-        "its cache keeps a sliding window of `sliding_window` tokens (4 here, 3000 by default) while its forward "
+        "its cache keeps a sliding window of `sliding_window` tokens (4 in the tests, 3000 by default) while its forward "
         "attends to every earlier token: past the window its own `generate` disagrees with its forward (by up to "
         "0.09 in log-probability)",
     ),
