@@ -15,9 +15,14 @@ from typing import NamedTuple
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from rkd_trl.synthetic import build_tokenizer
+
 VOCAB_SIZE = 64
 WINDOW = 4
 NOT_SET = object()  # a COMMON setting the family's config does not take
+
+# A word-level tokenizer of exactly VOCAB_SIZE tokens: 5 special ones and the words w00 … w58.
+TOKENIZER = build_tokenizer([f"w{index:02d}" for index in range(VOCAB_SIZE - 5)])
 
 COMMON = dict(
     vocab_size=VOCAB_SIZE,

@@ -17,11 +17,9 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from rkd_trl import ReverseKLDistillTrainer
 from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
 from rkd_trl.scoring import left_pad, position_ids_from_mask, scoring_tolerance, verify_scoring
-from rkd_trl.synthetic import build_tokenizer
 
-from architectures import ARCHITECTURES, EXCLUDED, KEEPS_ENDED_ROWS, REFUSED, VOCAB_SIZE, tiny_model
+from architectures import ARCHITECTURES, EXCLUDED, KEEPS_ENDED_ROWS, REFUSED, TOKENIZER, VOCAB_SIZE, tiny_model
 
-TOKENIZER = build_tokenizer([f"w{index:02d}" for index in range(VOCAB_SIZE - 5)])  # 5 special tokens: 64 in all
 PROMPTS = ["w01 w02 w03", "w04", "w05 w06", "w07 w08 w09 w10", "w11", "w12 w13"]
 # A quarter of the vocabulary ends a completion, so that rows end at different steps.
 EOS_TOKEN_IDS = [TOKENIZER.eos_token_id, *range(VOCAB_SIZE - 15, VOCAB_SIZE)]

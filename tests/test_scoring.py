@@ -5,17 +5,20 @@ from peft import LoraConfig, get_peft_model
 from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
     OutputHead,
+    ScoringCheck,
     check_same_tokenizer,
+    check_teacher_mass_past_vocab,
     final_hidden_states,
     language_model_backbone,
     output_logits,
+    padded_vocab_limit,
     position_ids_from_mask,
     shared_vocab_size,
     verify_scoring,
 )
 from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
-from architectures import VOCAB_SIZE, tiny_model
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 
 
 def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):
@@ -67,6 +70,26 @@ def test_vocab_smaller_than_tokenizer_is_rejected(tokenizer, make_student):
     other = tiny_causal_lm(build_tokenizer(["x", "y"]))
     with pytest.raises(ValueError, match="same tokenizer"):
         shared_vocab_size(make_student(), other, tokenizer)
+
+
+def test_padding_rows_are_told_from_another_tokenizer_by_their_number():
+    assert padded_vocab_limit(64) == 128  # up to the next multiple of 128
+    assert padded_vocab_limit(151665) >= 152064  # Qwen2.5-7B's padding: 399 rows, within 1%
+    other_tokenizer = tiny_model("llama", vocab_size=4 * VOCAB_SIZE)
+    student = tiny_model("llama")
+    assert shared_vocab_size(student, tiny_model("llama", vocab_size=128), TOKENIZER) == VOCAB_SIZE
+    with pytest.raises(ValueError, match="teacher has 256 vocabulary rows.*likely uses another tokenizer"):
+        shared_vocab_size(student, other_tokenizer, TOKENIZER)
+    with pytest.raises(ValueError, match="student has 256 vocabulary rows.*likely uses another tokenizer"):
+        shared_vocab_size(other_tokenizer, student, TOKENIZER)
+
+
+def test_teacher_probability_on_rows_past_the_shared_vocabulary_is_limited():
+    check_teacher_mass_past_vocab(ScoringCheck(drop_ended_rows=True, mass_past_vocab=0.004), VOCAB_SIZE)
+    with pytest.raises(ValueError, match="teacher puts up to 5.0% of its next-token probability"):
+        check_teacher_mass_past_vocab(ScoringCheck(drop_ended_rows=True, mass_past_vocab=0.05), VOCAB_SIZE)
+    padded = tiny_model("llama", vocab_size=VOCAB_SIZE + 40)  # random output rows: they carry probability
+    assert 0.2 < verify_scoring(padded, VOCAB_SIZE, 0, "teacher").mass_past_vocab < 0.6
 
 
 def test_different_tokenizers_are_rejected(tokenizer):

@@ -12,6 +12,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from rkd_trl import ReverseKLDistillTrainer
 
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
+
 
 def build(make_config, student, teacher, tokenizer, dataset, **config):
     return ReverseKLDistillTrainer(
@@ -353,3 +355,13 @@ def test_bad_input_is_rejected_when_the_trainer_is_built(make_config, make_stude
     }  # fmt: skip
     with pytest.raises((ValueError, TypeError), match=message):
         ReverseKLDistillTrainer(**change(kwargs, make_config))
+
+
+def test_teacher_with_another_larger_vocabulary_is_rejected(make_config):
+    """A teacher with 4× the student's vocabulary rows (another tokenizer) is refused by its row count; one whose rows
+    past the tokenizer fit padding but carry probability (tokens of its own) is refused by the start-up probe."""
+    dataset = _prompts("w01 w02", "w03")
+    with pytest.raises(ValueError, match=r"teacher has 256 vocabulary rows, 4.0× the tokenizer's 64 tokens.*another"):
+        build(make_config, tiny_model("llama"), tiny_model("llama", vocab_size=4 * VOCAB_SIZE), TOKENIZER, dataset)
+    with pytest.raises(ValueError, match=r"teacher puts up to \d+\.\d% of its next-token probability .* past the 64"):
+        build(make_config, tiny_model("llama"), tiny_model("llama", vocab_size=VOCAB_SIZE + 40), TOKENIZER, dataset)

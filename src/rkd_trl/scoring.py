@@ -277,9 +277,11 @@ class IncrementalDecoder:
 
 @dataclass
 class ScoringCheck:
-    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding."""
+    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding, and
+    the largest next-token probability the model put on its vocabulary rows past the shared ones."""
 
     drop_ended_rows: bool
+    mass_past_vocab: float = 0.0
 
 
 def _logprob_discrepancy(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -367,7 +369,7 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
         arguments.pop("logits_to_keep", None)
         valid = attention_mask.bool()
         try:
-            logits = lm(**arguments).logits[..., :vocab_size].float()
+            all_logits = lm(**arguments).logits[valid].float()
             head_logits = head(final_hidden_states(lm, input_ids, attention_mask)[valid])
         except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
             raise ValueError(
@@ -375,7 +377,10 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
                 "left-padded sequences (positions from the attention mask, as `generate` gives them), or its output "
                 f"head on its final hidden states, raises {type(error).__name__}: {error}"
             ) from error
-        head_error = _logprob_discrepancy(F.log_softmax(logits[valid], -1), F.log_softmax(head_logits, -1))
+        head_error = _logprob_discrepancy(
+            F.log_softmax(all_logits[:, :vocab_size], -1), F.log_softmax(head_logits, -1)
+        )
+        mass_past_vocab = all_logits.softmax(-1)[:, vocab_size:].sum(-1).max().item()
         if not head_error <= tolerance:
             raise ValueError(
                 f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored from its hidden states: "
@@ -390,7 +395,7 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
             except Exception as error:  # a cache that cannot be reordered, a model that cannot decode step by step
                 errors[drop_ended_rows] = f"{type(error).__name__}: {error}"
             if isinstance(errors[drop_ended_rows], float) and errors[drop_ended_rows] <= tolerance:
-                return ScoringCheck(drop_ended_rows=drop_ended_rows)
+                return ScoringCheck(drop_ended_rows, mass_past_vocab)
         raise ValueError(
             f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be decoded token by token "
             "reproducibly: its incremental log-probs differ from its own full forward over the same tokens "
@@ -414,7 +419,8 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
 
     Embedding matrices are often padded past the tokenizer's vocabulary (Qwen2.5: 151936 rows in small models,
     152064 in large ones); those rows are never produced by the tokenizer and are dropped from both distributions.
-    Anything else (a teacher whose vocabulary is not the student's) is an error.
+    Anything else is an error: fewer rows than tokens, or more than padding explains (`padded_vocab_limit`), as a
+    teacher with another, larger tokenizer has.
     """
     student_rows = student.config.get_text_config().vocab_size
     teacher_rows = teacher.config.get_text_config().vocab_size
@@ -427,7 +433,39 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
             "compares the two next-token distributions token by token, so both models must use the same tokenizer. "
             "For teachers with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
         )
+    limit = padded_vocab_limit(tokenizer_size)
+    for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows > limit:
+            raise ValueError(
+                f"The {name} has {rows} vocabulary rows, {rows / tokenizer_size:.1f}× the tokenizer's "
+                f"{tokenizer_size} tokens: more than embedding padding explains (at most {limit} rows), so it likely "
+                "uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
+                "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+            )
     return vocab_size
+
+
+def padded_vocab_limit(tokenizer_size: int) -> int:
+    """Most embedding rows padding explains for a tokenizer of `tokenizer_size` tokens: up to the next multiple of 128,
+    or 1% more (Qwen2.5-7B: 152064 rows for 151665 tokens)."""
+    return max(-(-tokenizer_size // 128) * 128, tokenizer_size + tokenizer_size // 100)
+
+
+# A trained model gives the padding rows of its embedding matrix next to no probability; a teacher whose rows past the
+# tokenizer hold real tokens of its own does not.
+MAX_TEACHER_MASS_PAST_VOCAB = 0.01
+
+
+def check_teacher_mass_past_vocab(check: ScoringCheck, vocab_size: int) -> None:
+    """Raise if the teacher put more than 1% of a next-token distribution on its rows past the shared `vocab_size`
+    during the start-up probe: those rows are tokens of another tokenizer, not padding."""
+    if check.mass_past_vocab > MAX_TEACHER_MASS_PAST_VOCAB:
+        raise ValueError(
+            f"The teacher puts up to {check.mass_past_vocab:.1%} of its next-token probability on vocabulary rows "
+            f"past the {vocab_size} that the tokenizer produces (padding rows get next to none in a trained model): "
+            "it likely uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
+            "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+        )
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:

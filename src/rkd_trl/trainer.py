@@ -43,6 +43,7 @@ from .scoring import (
     OutputHead,
     check_finite_parameters,
     check_same_tokenizer,
+    check_teacher_mass_past_vocab,
     final_hidden_states,
     left_pad,
     shared_vocab_size,
@@ -356,6 +357,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             pad_token_id = self._tokenizer.pad_token_id
             checks = [verify_scoring(model, self.vocab_size, pad_token_id, name)
                       for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
+        check_teacher_mass_past_vocab(checks[1], self.vocab_size)
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
