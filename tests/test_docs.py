@@ -1,5 +1,5 @@
-"""The documentation stays true: its generated blocks (the configuration reference, the quickstart's commands and
-figures) are what their scripts render from the committed results, what the quickstart's commands write is ignored
+"""The documentation stays true: its generated blocks (the configuration reference, the architecture tables, the
+quickstart's commands and figures) are what their scripts render from the committed results and code, what the quickstart's commands write is ignored
 by git, and no sentence is left unfinished."""
 
 import importlib.util
@@ -29,7 +29,9 @@ def test_generated_blocks_of_the_docs_are_what_their_scripts_render():
     assert blocks["configuration.md"] == [("docs/config_reference.py", "fields")]
     quickstart_blocks = ("make-command", "train-command", "eval-commands", "eval-table")
     assert blocks["quickstart.md"] == [("benchmarks/quickstart.py", name) for name in quickstart_blocks]
+    assert blocks["architectures.md"] == [("docs/architectures.py", "families")]
     assert "| `teacher_mix_alpha` | `0.2` |" in (REPO / "docs" / "configuration.md").read_text()
+    assert "| `llama` | `LlamaForCausalLM` | supported |" in (REPO / "docs" / "architectures.md").read_text()
 
 
 def test_a_generated_block_is_rewritten_from_its_script(tmp_path):

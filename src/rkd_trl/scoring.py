@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
-from transformers import GenerationConfig
+from peft import PeftModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput
@@ -25,12 +25,30 @@ from trl.trainer.utils import pad
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers `*ForCausalLM` inside a model that may be PEFT-wrapped (adapters stay active in it)."""
-    return model.base_model.model if is_peft_model(model) else model
+    # An isinstance check: accelerate's `is_peft_model` reads package metadata at every call (milliseconds), and this
+    # runs at every decoding step.
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head."""
-    return causal_lm(model).base_model
+    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head.
+
+    The base model (its pretrained submodule where `base_model_prefix` names no attribute, as in Llama 4), or the
+    decoder inside it (`get_decoder()`) where the causal LM's forward calls that directly (OPT: `self.model.decoder`).
+    """
+    lm = causal_lm(model)
+    base_model = lm.base_model
+    if base_model is lm:
+        base_model = next(module for module in lm.children() if isinstance(module, PreTrainedModel))
+    return base_model.get_decoder()
+
+
+def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> list[str]:
+    """Attribute names that lead from `root` to its submodule `module` (`["model"]`, `["model", "decoder"]`)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name.split(".")
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
 
 
 def accepted_arguments(model: torch.nn.Module) -> set[str]:
@@ -51,7 +69,9 @@ def forward_arguments(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if "position_ids" in accepted:
         arguments["position_ids"] = position_ids_from_mask(attention_mask)
     if "logits_to_keep" in accepted:
-        arguments.setdefault("logits_to_keep", 1)
+        # Given as the index of the last position: an integer also lets some backbones drop the earlier positions
+        # before their last layers (Gemma 4's KV-shared layers), and those hidden states are what the caller wants.
+        arguments.setdefault("logits_to_keep", torch.tensor([input_ids.size(1) - 1], device=input_ids.device))
     return arguments
 
 
@@ -97,10 +117,10 @@ class _PassThroughBackbone:
 
     def __init__(self, backbone, hidden):
         self._backbone = backbone
-        self._hidden = hidden
+        self.hidden = hidden
 
     def __call__(self, *args, **kwargs):
-        return _HiddenStatesOnly(last_hidden_state=self._hidden)
+        return _HiddenStatesOnly(last_hidden_state=self.hidden)
 
     def __getattr__(self, name):
         return getattr(self._backbone, name)
@@ -120,21 +140,23 @@ class _WithoutModuleHooks:
 
 
 class _WithBackbone:
-    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced (and, without
-    `module_hooks`, its other submodules called without their hooks)."""
+    """Stands for a causal LM inside its own `forward`, with the module at attribute path `path` replaced by
+    `backbone` (each module on the way is a stand-in too, so that OPT's `self.model.decoder` reaches it) and, without
+    `module_hooks`, its other submodules called without their hooks."""
 
-    def __init__(self, model, backbone, module_hooks=True):
+    def __init__(self, model, path: list[str], backbone, module_hooks: bool = True):
         self._model = model
+        self._path = path
         self._backbone = backbone
         self._module_hooks = module_hooks
 
     def __getattr__(self, name):
-        if name == self._model.base_model_prefix:
+        if name == self._path[0] and len(self._path) == 1:
             return self._backbone
         value = getattr(self._model, name)
-        if not self._module_hooks and isinstance(value, torch.nn.Module):
-            return _WithoutModuleHooks(value)
-        return value
+        if name != self._path[0]:
+            return _WithoutModuleHooks(value) if not self._module_hooks and isinstance(value, torch.nn.Module) else value
+        return _WithBackbone(value, self._path[1:], self._backbone, self._module_hooks)
 
 
 class OutputHead:
@@ -158,7 +180,8 @@ class OutputHead:
         self.model = causal_lm(model)
         self.vocab_size = vocab_size
         self.module_hooks = module_hooks
-        self.backbone = self.model.base_model
+        self.backbone = language_model_backbone(self.model)
+        self.backbone_path = _module_path(self.model, self.backbone)
         weight = getattr(self.model.get_output_embeddings(), "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
         backbone_only = {id(p) for p in self.backbone.parameters()} - {
@@ -171,9 +194,10 @@ class OutputHead:
         if self.dtype is not None:
             hidden = hidden.to(self.dtype)
         leading = hidden.shape[:-1]
-        backbone = _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1)))
-        stand_in = _WithBackbone(self.model, backbone, self.module_hooks)
-        logits = type(self.model).forward(stand_in, use_cache=False).logits
+        pass_through = _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1)))
+        stand_in = _WithBackbone(self.model, self.backbone_path, pass_through, self.module_hooks)
+        # The hidden states stand as input embeddings too: some forwards read the input length (Gemma 4).
+        logits = type(self.model).forward(stand_in, inputs_embeds=pass_through.hidden, use_cache=False).logits
         return logits.reshape(*leading, logits.size(-1))[..., : self.vocab_size].float()
 
     def parameters(self):
@@ -274,9 +298,11 @@ class IncrementalDecoder:
 
 @dataclass
 class ScoringCheck:
-    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding."""
+    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding, and
+    the largest next-token probability the model put on its vocabulary rows past the shared ones."""
 
     drop_ended_rows: bool
+    mass_past_vocab: float = 0.0
 
 
 def _logprob_discrepancy(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -342,10 +368,11 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows)
 def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str) -> ScoringCheck:
     """Start-up probe: the scores this package computes for `model` equal those of its own plain forward.
 
-    On three short left-padded sequences that end at different steps it checks that (1) the final hidden states and
-    `OutputHead` reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them token by token, first
-    dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the model type and what
-    differs when neither way reproduces the forward (then training would learn from wrong numbers).
+    On three short left-padded sequences that end at different steps it checks that (1) `final_hidden_states` and
+    `OutputHead`, as the losses use them, reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them
+    token by token, first dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the
+    model type and what differs when neither way reproduces the forward, or when the forward cannot run (then training
+    would learn from wrong numbers, or fail later).
     """
     lm = causal_lm(model)
     device = next(lm.parameters()).device
@@ -361,12 +388,20 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
         attention_mask = torch.cat([batch[1], batch[3]], 1)
         arguments = forward_arguments(lm, input_ids, attention_mask, use_cache=False)
         arguments.pop("logits_to_keep", None)
-        with captured_hidden_states(lm) as box:
-            logits = lm(**arguments).logits[..., :vocab_size].float()
         valid = attention_mask.bool()
+        try:
+            all_logits = lm(**arguments).logits[valid].float()
+            head_logits = head(final_hidden_states(lm, input_ids, attention_mask)[valid])
+        except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
+            raise ValueError(
+                f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored: its forward over "
+                "left-padded sequences (positions from the attention mask, as `generate` gives them), or its output "
+                f"head on its final hidden states, raises {type(error).__name__}: {error}"
+            ) from error
         head_error = _logprob_discrepancy(
-            F.log_softmax(logits[valid], -1), F.log_softmax(head(box["hidden"][valid]), -1)
+            F.log_softmax(all_logits[:, :vocab_size], -1), F.log_softmax(head_logits, -1)
         )
+        mass_past_vocab = all_logits.softmax(-1)[:, vocab_size:].sum(-1).max().item()
         if not head_error <= tolerance:
             raise ValueError(
                 f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored from its hidden states: "
@@ -381,7 +416,7 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
             except Exception as error:  # a cache that cannot be reordered, a model that cannot decode step by step
                 errors[drop_ended_rows] = f"{type(error).__name__}: {error}"
             if isinstance(errors[drop_ended_rows], float) and errors[drop_ended_rows] <= tolerance:
-                return ScoringCheck(drop_ended_rows=drop_ended_rows)
+                return ScoringCheck(drop_ended_rows, mass_past_vocab)
         raise ValueError(
             f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be decoded token by token "
             "reproducibly: its incremental log-probs differ from its own full forward over the same tokens "
@@ -405,7 +440,8 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
 
     Embedding matrices are often padded past the tokenizer's vocabulary (Qwen2.5: 151936 rows in small models,
     152064 in large ones); those rows are never produced by the tokenizer and are dropped from both distributions.
-    Anything else (a teacher whose vocabulary is not the student's) is an error.
+    Anything else is an error: fewer rows than tokens, or more than padding explains (`padded_vocab_limit`), as a
+    teacher with another, larger tokenizer has.
     """
     student_rows = student.config.get_text_config().vocab_size
     teacher_rows = teacher.config.get_text_config().vocab_size
@@ -418,7 +454,39 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
             "compares the two next-token distributions token by token, so both models must use the same tokenizer. "
             "For teachers with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
         )
+    limit = padded_vocab_limit(tokenizer_size)
+    for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows > limit:
+            raise ValueError(
+                f"The {name} has {rows} vocabulary rows, {rows / tokenizer_size:.1f}× the tokenizer's "
+                f"{tokenizer_size} tokens: more than embedding padding explains (at most {limit} rows), so it likely "
+                "uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
+                "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+            )
     return vocab_size
+
+
+def padded_vocab_limit(tokenizer_size: int) -> int:
+    """Most embedding rows padding explains for a tokenizer of `tokenizer_size` tokens: up to the next multiple of 128,
+    or 1% more (Qwen2.5-7B: 152064 rows for 151665 tokens)."""
+    return max(-(-tokenizer_size // 128) * 128, tokenizer_size + tokenizer_size // 100)
+
+
+# A trained model gives the padding rows of its embedding matrix next to no probability; a teacher whose rows past the
+# tokenizer hold real tokens of its own does not.
+MAX_TEACHER_MASS_PAST_VOCAB = 0.01
+
+
+def check_teacher_mass_past_vocab(check: ScoringCheck, vocab_size: int) -> None:
+    """Raise if the teacher put more than 1% of a next-token distribution on its rows past the shared `vocab_size`
+    during the start-up probe: those rows are tokens of another tokenizer, not padding."""
+    if check.mass_past_vocab > MAX_TEACHER_MASS_PAST_VOCAB:
+        raise ValueError(
+            f"The teacher puts up to {check.mass_past_vocab:.1%} of its next-token probability on vocabulary rows "
+            f"past the {vocab_size} that the tokenizer produces (padding rows get next to none in a trained model): "
+            "it likely uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
+            "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+        )
 
 
 def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:

@@ -48,6 +48,7 @@ from .scoring import (
     OutputHead,
     check_finite_parameters,
     check_same_tokenizer,
+    check_teacher_mass_past_vocab,
     final_hidden_states,
     left_pad,
     shared_vocab_size,
@@ -406,6 +407,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             pad_token_id = self._tokenizer.pad_token_id
             checks = [verify_scoring(model, self.vocab_size, pad_token_id, name)
                       for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
+        check_teacher_mass_past_vocab(checks[1], self.vocab_size)
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
@@ -483,7 +485,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         return total - self.max_completion_length, f"{source} ({total}) - max_completion_length ({self.max_completion_length})"
 
     def _check_prompts(self, dataset, name: str):
-        """Every prompt must have at least one token and leave room for `max_completion_length` new ones."""
+        """Every prompt must render as intended (`_check_conversations`), have at least one token and leave room for
+        `max_completion_length` new ones."""
         if isinstance(dataset, dict):
             for key, split in dataset.items():
                 self._check_prompts(split, f"{name}[{key!r}]")
@@ -492,7 +495,10 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             return
         limit, source = self._prompt_length_limit()
         for start in range(0, len(dataset), 1000):
-            prompt_ids, _, _ = self._tokenize_prompts(dataset[start : start + 1000]["prompt"])
+            prompts = dataset[start : start + 1000]["prompt"]
+            if is_conversational({"prompt": prompts[0]}):
+                self._check_conversations(prompts, name, start)
+            prompt_ids, _, _ = self._tokenize_prompts(prompts)
             for offset, ids in enumerate(prompt_ids):
                 if len(ids) == 0:
                     raise ValueError(
@@ -504,6 +510,41 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                         f"{name} row {start + offset}: the prompt has {len(ids)} tokens, more than {source} = "
                         f"{limit}. Shorten or drop long prompts, or lower max_new_tokens."
                     )
+
+    def _check_conversations(self, prompts, name: str, first_row: int):
+        """Conversations must be what a text chat template renders as intended: every message's content is text, and
+        every role but user and assistant is one the template knows (it does not render it as a made-up role)."""
+        roles = {}
+        for offset, conversation in enumerate(prompts):
+            for message in conversation:
+                content = message.get("content")
+                if not isinstance(content, str):
+                    raise ValueError(
+                        f"{name} row {first_row + offset}: a {message.get('role')!r} message's content is a "
+                        f"{type(content).__name__}, not text, and the student and teacher are text-only language "
+                        "models. Give every message's content as a string: join text parts, drop images and other "
+                        "non-text parts."
+                    )
+                roles.setdefault(message.get("role"), first_row + offset)
+        for role, row in roles.items():
+            if role not in ("user", "assistant") and self._renders_as_an_unknown_role(role):
+                raise ValueError(
+                    f"{name} row {row}: the chat template does not know the role {role!r}: it renders a {role!r} "
+                    "message exactly as it renders one of a made-up role. Rename or drop those messages (e.g. fold a "
+                    f"system message into the first user turn), or give the tokenizer a chat template for {role!r}."
+                )
+
+    def _renders_as_an_unknown_role(self, role) -> bool:
+        def render(message_role):
+            return self.processing_class.apply_chat_template(
+                [{"role": message_role, "content": "text"}], tokenize=False, chat_template=self.chat_template,
+                **self.chat_template_kwargs,
+            )  # fmt: skip
+
+        try:
+            return render(role) == render("made-up role")
+        except Exception:  # the template raises for one of them (or for any lone message): it tells roles apart
+            return False
 
     def _get_train_sampler(self, dataset=None):
         # Each generation batch is served `gradient_accumulation_steps × ppo_epochs` times: once per micro-batch of
