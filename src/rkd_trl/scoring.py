@@ -365,7 +365,9 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows)
 
 
 @torch.no_grad()
-def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str) -> ScoringCheck:
+def verify_scoring(
+    model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str, compute_dtype: torch.dtype | None = None
+) -> ScoringCheck:
     """Start-up probe: the scores this package computes for `model` equal those of its own plain forward.
 
     On three short left-padded sequences that end at different steps it checks that (1) `final_hidden_states` and
@@ -373,11 +375,15 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
     token by token, first dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the
     model type and what differs when neither way reproduces the forward, or when the forward cannot run (then training
     would learn from wrong numbers, or fail later).
+
+    `compute_dtype`: the mixed-precision dtype the model's forward runs in (accelerate wraps the forward in autocast,
+    while the output head runs where the loss calls it), when lower than the parameters' own; the tolerance is that of
+    the lower precision.
     """
     lm = causal_lm(model)
     device = next(lm.parameters()).device
     dtype = next(p for p in lm.parameters() if p.is_floating_point()).dtype
-    tolerance = scoring_tolerance(dtype)
+    tolerance = max(scoring_tolerance(dtype), scoring_tolerance(compute_dtype or dtype))
     batch = _probe_batch(vocab_size, pad_token_id, device)
     model_type = lm.config.model_type
     was_training = lm.training

@@ -403,9 +403,12 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         """Start-up probe of both models (`scoring.verify_scoring`): their hidden states, output heads and token-by-token
         decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
         finished rows can be dropped from the model's cache while sampling."""
+        # Mixed precision runs each model's forward in autocast (accelerate wraps it) and the loss's output head in the
+        # training step's autocast: the probe then compares at that precision.
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
-            checks = [verify_scoring(model, self.vocab_size, pad_token_id, name)
+            checks = [verify_scoring(model, self.vocab_size, pad_token_id, name, compute_dtype)
                       for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
         check_teacher_mass_past_vocab(checks[1], self.vocab_size)
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
