@@ -135,3 +135,28 @@ def conversations(prompts: list[str], answers: Answers, ended_only: bool = True)
         if ended or not ended_only
     ]
     return Dataset.from_dict({"messages": rows})
+
+
+def sft_student(student, tokenizer, prompts: list[str], answers: list[Answers], output_dir, **config):
+    """Supervised fine-tuning of `student` on answers to `prompts` (TRL's `SFTTrainer`, loss on the answer tokens
+    only): the usual initialisation of a distillation student (the MiniLLM paper and reference code SFT the student
+    first). Each `Answers` in `answers` adds its ended answers; answers cut off by the token budget are left out.
+    `config`: `SFTConfig` fields (steps, learning rate, batch size, ...). Returns the trained student in eval mode."""
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [
+        (prompt, text)
+        for source in answers
+        for prompt, text, ended in zip(prompts, source.texts, source.ended, strict=True)
+        if ended
+    ]
+    dataset = Dataset.from_dict(
+        {
+            "prompt": user_turns([prompt for prompt, _ in rows]),
+            "completion": [[{"role": "assistant", "content": text}] for _, text in rows],
+        }
+    )
+    settings = dict(save_strategy="no", report_to=[], activation_checkpointing=False, disable_tqdm=True)
+    args = SFTConfig(output_dir=str(output_dir), **{**settings, **config})
+    SFTTrainer(model=student, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    return student.eval()

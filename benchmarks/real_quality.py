@@ -1,0 +1,346 @@
+"""Real-model benchmark: SmolLM2-135M-Instruct distilled into a depth-pruned student on real instructions.
+
+Every method starts from the same SFT-initialised student (the teacher with some of its 30 layers, SFT on the
+teacher's answers to the 240 `train` instructions), runs the same number of optimizer steps on the `train` prompts,
+and is judged on the 60 held-out `test` instructions, which nothing was tuned on (defaults were studied on `dev`):
+
+- what the student says: Rouge-L (× 100) of its greedy answer against the teacher's greedy answer, repeated 4-grams
+  and distinct-2 of its greedy answers, share of answers ending with EOS and their length, the teacher's per-token
+  NLL of them;
+- the KL it was trained on: per-token and per-sequence reverse KL `KL(student || teacher)`, Monte-Carlo over samples
+  at temperature 1.
+
+Methods: ours (ReverseKLDistillTrainer, defaults), GKD (trl.experimental.gkd.GKDTrainer) with token-level reverse KL
+(β = 1, on-policy) and with its default JSD (β = 0.5, λ = 0.5), trl.DistillationTrainer (β = 1, its default), SeqKD
+(SFT continued on the teacher's greedy answers); each over a learning-rate grid and several seeds. Ablations of
+ours (teacher mixing α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, with the LM loss) run at one
+learning rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
+
+    PYTHONPATH=src python benchmarks/real_quality.py              # the full run (hours on 2 CPU cores)
+    PYTHONPATH=src python benchmarks/real_quality.py --smoke      # minutes: the same code on tiny settings
+    PYTHONPATH=src python docs/generated.py                       # re-render docs/benchmarks.md from the JSON
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
+STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
+
+BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
+ABLATIONS = {
+    "ours α=0": {"teacher_mix_alpha": 0.0},
+    "ours α=0.5": {"teacher_mix_alpha": 0.5},
+    "ours w/o length norm": {"length_normalization": False},
+    "ours γ=1": {"gamma": 1.0},
+    "ours w/o single-step": {"single_step_regularization": False},
+    "ours + LM loss": {"lm_loss_weight": 1.0},
+}
+# The study behind the defaults (`--study`): on the `dev` prompts, at the learning rate where the student degenerated.
+# Every variant spells out what it changes, so the rows keep their meaning whatever the defaults are.
+STUDY = {
+    "α=0.2, no LM loss (defaults before)": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0},
+    "α=0.2, LM loss 1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0},
+    "α=0.5, no LM loss": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 0.0},
+    "α=0.5, LM loss 1": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 1.0},
+    "α=0.2, no LM loss, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0, "whiten_advantages": False},
+}
+VARIANTS = {**ABLATIONS, **STUDY}
+
+
+@dataclass
+class Settings:
+    student_layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5, 6, 27, 28, 29])
+    train_prompts: int | None = None  # first n `train` instructions (None: all 240)
+    sft_steps: int = 150
+    sft_learning_rate: float = 3e-4
+    sft_samples: list[float] = field(default_factory=lambda: [0.7, 0.7])  # sampled answers per prompt (temperature)
+    steps: int = 40
+    batch_size: int = 8
+    max_new_tokens: int = 48
+    learning_rates: list[float] = field(default_factory=lambda: [5e-6, 1.5e-5, 5e-5])
+    ablation_learning_rate: float = 1.5e-5
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    eval_split: str = "test"
+    eval_prompts: int = 60
+    eval_max_new_tokens: int = 64
+    eval_samples_per_prompt: int = 2
+    reference_max_new_tokens: int = 64
+    ablations: bool = True
+    methods: list[str] = field(default_factory=lambda: ["ours", *BASELINES])
+
+
+SMOKE = Settings(
+    student_layers=[0, 29], train_prompts=8, sft_steps=2, sft_samples=[], steps=2, batch_size=2, max_new_tokens=8,
+    learning_rates=[5e-5], seeds=[1], eval_prompts=4, eval_max_new_tokens=8, eval_samples_per_prompt=1,
+    reference_max_new_tokens=8, ablations=False, methods=["ours", *BASELINES, *STUDY],
+)  # fmt: skip
+STUDY_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1], ablations=False, methods=list(STUDY))
+
+
+def runs(settings: Settings) -> list[tuple[str, float, int]]:
+    """Every (method, learning rate, seed) of the benchmark, in the order they run."""
+    grid = [(m, lr, s) for s in settings.seeds for m in settings.methods for lr in settings.learning_rates]
+    if settings.ablations:
+        grid += [(m, settings.ablation_learning_rate, s) for s in settings.seeds for m in ABLATIONS]
+    return grid
+
+
+class Benchmark:
+    """The teacher, the data, the SFT student every run starts from, and one run of a method."""
+
+    def __init__(self, settings: Settings, work_dir: Path):
+        import torch
+
+        from rkd_trl.instructions import cached_teacher_answers, load_instructions
+        from rkd_trl.models import load_smollm2
+
+        self.settings = settings
+        self.work_dir = work_dir
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+        self.teacher, self.tokenizer = load_smollm2()
+        self.train_prompts = load_instructions("train")[: settings.train_prompts]
+        self.eval_prompts = load_instructions(settings.eval_split)[: settings.eval_prompts]
+        cache = work_dir / "cache"
+        answer = lambda prompts, tokens, **kw: cached_teacher_answers(  # noqa: E731
+            self.teacher, self.tokenizer, prompts, tokens, cache, batch_size=32, **kw
+        )
+        self.train_answers = answer(self.train_prompts, 128)
+        self.sft_answers = [self.train_answers] + [
+            answer(self.train_prompts, 128, temperature=t, seed=i + 1) for i, t in enumerate(settings.sft_samples)
+        ]
+        self.references = answer(self.eval_prompts, settings.reference_max_new_tokens)
+        self.teacher_quality = None
+
+    def sft_student(self):
+        """The SFT-initialised student (cached under the work dir, keyed by the settings that make it)."""
+        from transformers import AutoModelForCausalLM
+
+        from rkd_trl.instructions import sft_student
+        from rkd_trl.models import keep_layers
+
+        s = self.settings
+        key = f"sft-{'-'.join(map(str, s.student_layers))}-{s.sft_steps}-{s.sft_learning_rate}-{len(s.sft_samples)}"
+        path = self.work_dir / "cache" / key
+        if (path / "config.json").exists():
+            return AutoModelForCausalLM.from_pretrained(path).eval()
+        student = keep_layers(self.teacher, s.student_layers)
+        sft_student(
+            student, self.tokenizer, self.train_prompts, self.sft_answers, self.work_dir / "sft-run",
+            max_steps=s.sft_steps, learning_rate=s.sft_learning_rate, per_device_train_batch_size=8,
+            lr_scheduler_type="cosine", warmup_steps=10, max_length=192, use_cpu=True, bf16=False, seed=0,
+        )  # fmt: skip
+        student.save_pretrained(path)
+        return student.eval()
+
+    def evaluate(self, student, seed=0):
+        from rkd_trl.metrics import answer_quality
+
+        s = self.settings
+        return answer_quality(
+            student, self.teacher, self.tokenizer, self.eval_prompts, self.references.texts, s.eval_max_new_tokens,
+            samples_per_prompt=s.eval_samples_per_prompt, seed=seed,
+        )  # fmt: skip
+
+    def trainer(self, method: str, student, learning_rate: float, seed: int):
+        from datasets import Dataset
+
+        from rkd_trl.instructions import conversations, user_turns
+
+        s = self.settings
+        common = dict(
+            output_dir=str(self.work_dir / "run"), per_device_train_batch_size=s.batch_size, max_steps=s.steps,
+            learning_rate=learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
+            save_strategy="no", report_to=[], bf16=False, use_cpu=True, activation_checkpointing=False,
+            disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+        )  # fmt: skip
+        with_answers = conversations(self.train_prompts, self.train_answers)  # `messages`: the ended teacher answers
+        prompts_only = Dataset.from_dict({"prompt": user_turns(self.train_prompts)})
+        if method == "SeqKD":
+            from trl import SFTConfig, SFTTrainer
+
+            data = with_answers.map(lambda row: {"prompt": row["messages"][:1], "completion": row["messages"][1:]},
+                                    remove_columns=["messages"])  # fmt: skip
+            return SFTTrainer(model=student, args=SFTConfig(**common, max_length=192), train_dataset=data,
+                              processing_class=self.tokenizer)  # fmt: skip
+        if method.startswith("GKD"):
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            lmbda, beta = (1.0, 1.0) if method == "GKD β=1" else (0.5, 0.5)
+            args = GKDConfig(**common, lmbda=lmbda, beta=beta, temperature=1.0, max_new_tokens=s.max_new_tokens,
+                             max_length=192)  # fmt: skip
+            return GKDTrainer(model=student, teacher_model=self.teacher, args=args, train_dataset=with_answers,
+                              processing_class=self.tokenizer)  # fmt: skip
+        if method == "DistillationTrainer β=1":
+            from trl import DistillationConfig, DistillationTrainer
+
+            args = DistillationConfig(**common, beta=1.0, max_completion_length=s.max_new_tokens)
+            return DistillationTrainer(model=student, teacher_model=self.teacher, args=args,
+                                       train_dataset=prompts_only, processing_class=self.tokenizer)  # fmt: skip
+        from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+
+        variant = VARIANTS.get(method, {})
+        data = with_answers if variant.get("lm_loss_weight", 0) > 0 else prompts_only
+        args = ReverseKLDistillConfig(**common, max_new_tokens=s.max_new_tokens, **variant)
+        return ReverseKLDistillTrainer(model=student, teacher_model=self.teacher, args=args, train_dataset=data,
+                                       processing_class=self.tokenizer)  # fmt: skip
+
+    def run(self, method: str, learning_rate: float, seed: int) -> dict:
+        import torch
+        from transformers import PrinterCallback
+
+        student = self.sft_student()
+        torch.manual_seed(seed)
+        started = time.perf_counter()
+        trainer = self.trainer(method, student, learning_rate, seed)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        seconds = time.perf_counter() - started
+        scores = self.evaluate(trainer.model.eval(), seed=1000 + seed)
+        curve = [{key: entry[key] for key in ("step", "minillm/reverse_kl", "completions/repeated_4grams",
+                                               "completions/clipped_ratio") if key in entry}
+                 for entry in trainer.state.log_history if "minillm/reverse_kl" in entry]  # fmt: skip
+        return {"method": method, "learning_rate": learning_rate, "seed": seed, "train_seconds": seconds,
+                **scores, "curve": curve}  # fmt: skip
+
+
+def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, log=print) -> dict:
+    """Run every missing (method, lr, seed) of `settings` (those whose method is in `only`, if given), appending each
+    to `results_path` as it finishes."""
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if results.get("settings") not in (None, asdict(settings)):
+        raise ValueError(f"{results_path} holds a run with other settings: move it away or use --results.")
+    results.update(settings=asdict(settings), machine=machine())
+    bench = Benchmark(settings, work_dir)
+    for name, model in (("teacher", bench.teacher), ("SFT init", None)):
+        if name not in results:
+            model = model if model is not None else bench.sft_student()
+            results[name] = bench.evaluate(model)
+            results_path.write_text(json.dumps(results, indent=1))
+            log(f"{name}: {summary_line(results[name])}")
+    done = {(r["method"], r["learning_rate"], r["seed"]) for r in results.setdefault("runs", [])}
+    for method, learning_rate, seed in runs(settings):
+        if (method, learning_rate, seed) in done or (only and method not in only):
+            continue
+        result = bench.run(method, learning_rate, seed)
+        results["runs"].append(result)
+        results_path.write_text(json.dumps(results, indent=1))
+        log(f"{method} lr={learning_rate:g} seed={seed}: {summary_line(result)} ({result['train_seconds']:.0f} s)")
+    return results
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__}  # fmt: skip
+
+
+METRICS = [  # key, column title, format
+    ("rouge_l", "Rouge-L ↑", "{:.1f}"),
+    ("repeated_4grams", "rep-4", "{:.3f}"),
+    ("distinct_2", "distinct-2", "{:.2f}"),
+    ("eos_rate", "ends (greedy)", "{:.0%}"),
+    ("length", "length", "{:.1f}"),
+    ("teacher_nll", "teacher NLL", "{:.2f}"),
+    ("reverse_kl_per_token", "RKL/token ↓", "{:.2f}"),
+    ("reverse_kl_per_sequence", "RKL/seq ↓", "{:.1f}"),
+    ("sample_eos_rate", "ends (sampled)", "{:.0%}"),
+]
+
+
+def summary_line(scores: dict) -> str:
+    return ", ".join(f"{title} {fmt.format(scores[key])}" for key, title, fmt in METRICS)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def method_table(results: dict, methods: list[str], learning_rates: list[float] | None = None) -> str:
+    """One row per (method, learning rate): mean ± std over seeds of every metric; the teacher and the SFT init first."""
+    header = "| method | lr | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
+    for name in ("teacher", "SFT init"):
+        lines.append(f"| {name} | – | " + " | ".join(fmt.format(results[name][key]) for key, _, fmt in METRICS) + " |")
+    for method in methods:
+        rates = sorted({r["learning_rate"] for r in results["runs"] if r["method"] == method})
+        for rate in learning_rates or rates:
+            group = [r for r in results["runs"] if r["method"] == method and r["learning_rate"] == rate]
+            if not group:
+                continue
+            cells = []
+            for key, _, fmt in METRICS:
+                mean, std = mean_std([r[key] for r in group])
+                cells.append(fmt.format(mean) + (f" ± {fmt.format(std)}" if len(group) > 1 else ""))
+            lines.append(f"| {method} | {rate:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def doc_blocks() -> dict[str, str]:
+    """Generated blocks of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
+    results = json.loads(RESULTS.read_text())
+    settings = results["settings"]
+    ablations = list(ABLATIONS) if settings["ablations"] else []
+    return {
+        "real-methods": method_table(results, ["ours", *BASELINES]),
+        "real-ablations": method_table(results, ["ours", *ablations], [settings["ablation_learning_rate"]]),
+        "real-settings": "```json\n" + json.dumps({"settings": settings, "machine": results["machine"]}, indent=1)
+        + "\n```\n",
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny settings, results to a scratch file")
+    parser.add_argument("--study", action="store_true", help=f"the study behind the defaults ({STUDY_RESULTS.name})")
+    parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
+    parser.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --results and stop")
+    parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "real"))
+    parser.add_argument("--results", default=None, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
+    options = parser.parse_args(argv)
+    settings = SMOKE if options.smoke else STUDY_SETTINGS if options.study else Settings()
+    work_dir = Path(options.work_dir) / ("smoke" if options.smoke else "full")
+    default = work_dir / "smoke.json" if options.smoke else STUDY_RESULTS if options.study else RESULTS
+    results_path = Path(options.results) if options.results else default
+    if options.merge:
+        return merge(options.merge, results_path)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    run_benchmark(settings, work_dir, results_path, only=options.only)
+    return results_path
+
+
+def merge(sources: list[Path], target: Path) -> Path:
+    """Merge results files of the same settings (shares of one grid run in parallel) into `target`."""
+    merged = json.loads(target.read_text()) if target.exists() else {}
+    for source in sources:
+        part = json.loads(source.read_text())
+        if merged.get("settings") not in (None, part["settings"]):
+            raise ValueError(f"{source} was run with other settings than {target}.")
+        runs = merged.setdefault("runs", [])
+        done = {(r["method"], r["learning_rate"], r["seed"]) for r in runs}
+        merged.update({key: value for key, value in part.items() if key != "runs"})
+        runs += [r for r in part["runs"] if (r["method"], r["learning_rate"], r["seed"]) not in done]
+    target.write_text(json.dumps(merged, indent=1))
+    return target
+
+
+if __name__ == "__main__":
+    main()
