@@ -40,3 +40,19 @@ def test_quality_benchmark_smoke_run(tmp_path):
         assert f"| {method} |" in report
     assert (docs.parent / "benchmarks" / "validity.png").stat().st_size > 0
     assert (docs.parent / "benchmarks" / "exposure_bias.png").stat().st_size > 0
+
+
+def test_cross_tokenizer_benchmark_smoke_run(tmp_path):
+    """The cross-tokenizer benchmark's code on a tiny random teacher with a tokenizer of its own: it trains, every
+    figure is produced, and every sampled completion is scored by the teacher."""
+    spec = importlib.util.spec_from_file_location("cross_tokenizer", BENCHMARKS / "cross_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--work-dir", str(tmp_path)])
+    assert list(results["results"]) == ["SFT (start)", "LM loss only", "reverse KL + LM loss"]
+    for arm, figures in results["results"].items():
+        for key, _ in module.FIGURES:
+            assert math.isfinite(figures[key]), (arm, key)
+        assert figures["unscored_samples"] == 0
+    assert len(results["training_log"]) == module.SMOKE.steps
+    assert all(entry["crosstok/unscored_fraction"] == 0.0 for entry in results["training_log"])

@@ -203,6 +203,21 @@ def align_completion(
 # ----------------------------------------------------------------------------------------------- the teacher's side
 
 
+def teacher_eos_token_ids(teacher, teacher_tokenizer) -> list[int]:
+    """The token ids that end the teacher's answers: its tokenizer's EOS and its `generation_config.eos_token_id`.
+    Raises a `ValueError` when there are none (the teacher's probability of ending could not be scored)."""
+    eos_token_ids = teacher.generation_config.eos_token_id
+    eos_token_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
+    if teacher_tokenizer.eos_token_id is not None and teacher_tokenizer.eos_token_id not in eos_token_ids:
+        eos_token_ids.insert(0, teacher_tokenizer.eos_token_id)
+    if not eos_token_ids:
+        raise ValueError(
+            "The teacher's tokenizer has no EOS token (and its generation_config none): the teacher's probability "
+            "of ending an answer cannot be scored. Set the teacher tokenizer's eos_token."
+        )
+    return eos_token_ids
+
+
 def teacher_prompt_ids(teacher_tokenizer, prompts: list) -> list[list[int]]:
     """The teacher's token ids of each prompt, rendered as TRL renders prompts for generation: conversational prompts
     with the teacher's chat template and its generation prompt, plain text with the tokenizer's own special tokens."""

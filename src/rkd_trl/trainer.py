@@ -38,7 +38,7 @@ from trl.trainer.utils import (
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
-from .crosstokenizer import score_across_tokenizers, teacher_turn_end_ids
+from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids, teacher_turn_end_ids
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .sampling import sample_teacher_mixed
 from .scoring import (
@@ -659,8 +659,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
 
     def _set_up_cross_tokenizer_teacher(self, teacher, train_dataset, args):
         """Checks and settings of cross-tokenizer scoring (`crosstokenizer`): the algorithm's parts that need the
-        teacher's distribution over the student's vocabulary are off, the teacher tokenizer gives offsets and words,
-        and its end of turn holds its EOS."""
+        teacher's distribution over the student's vocabulary are off, the teacher tokenizer gives the words of its
+        encodings, and its end of turn holds its EOS."""
         asked = [f"{name}={value}" for name, value, off in (
             ("teacher_mix_alpha", args.teacher_mix_alpha, 0.0),
             ("single_step_regularization", args.single_step_regularization, False),
@@ -679,16 +679,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 f"The teacher's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: cross-tokenizer "
                 "scoring needs the words (pre-tokens) of its encodings. Load it with AutoTokenizer (use_fast=True)."
             )
-        eos_token_ids = teacher.generation_config.eos_token_id
-        eos_token_ids = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids or [])
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_token_ids:
-            eos_token_ids.insert(0, tokenizer.eos_token_id)
-        if not eos_token_ids:
-            raise ValueError(
-                "The teacher's tokenizer has no EOS token (and its generation_config none): the teacher's probability "
-                "of ending an answer cannot be scored. Set the teacher tokenizer's eos_token."
-            )
-        self._teacher_eos_token_ids = eos_token_ids
+        eos_token_ids = self._teacher_eos_token_ids = teacher_eos_token_ids(teacher, tokenizer)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
         self._teacher_vocab = (teacher.config.get_text_config().vocab_size, pad_token_id)
         if len(tokenizer) > self._teacher_vocab[0]:
