@@ -140,12 +140,10 @@ def run(settings: Settings, smoke: bool, output_dir: Path) -> dict:
     lap("student tokenizer and SFT")
 
     def evaluate(model):
-        quality = cross_tokenizer_answer_quality(
+        return cross_tokenizer_answer_quality(
             model, tokenizer, teacher, teacher_tokenizer, dev_prompts, dev_answers.texts, settings.max_new_tokens,
             samples_per_prompt=settings.eval_samples_per_prompt, seed=settings.seed,
         )  # fmt: skip
-        model.eval()
-        return quality
 
     results = {"SFT (start)": evaluate(student)}
     lap("evaluation of the SFT student")

@@ -2,10 +2,11 @@
 
 Student and teacher have different byte-level BPE tokenizers over the alphabet `a`, `b`, space (`char_tokenizers`):
 one token per character, or with merged pairs (`ab`, ` a`, `ba`, two spaces). Both "models" are tables of next-token
-logits indexed by the prefix (the student's by its tokens, the teacher's by its own tokens). Every student completion of
-at most 3 tokens is enumerated. The trainer's surrogate loss is built from the library functions exactly as the trainer
-builds it (`align_completion` → teacher log-probs of its tokens → `credited_logprobs` → rewards → returns →
-`minillm_loss_sums` without a teacher head); its expectation under the student must have the gradient of
+logits indexed by the prefix (the student's by its tokens, the teacher's by its own tokens). Every student completion
+of at most 3 tokens is enumerated. The trainer's surrogate loss is built from the library functions exactly as the
+trainer builds it (`align_completion` → teacher log-probs of its tokens → `credited_logprobs` →
+`advantages_from_rollout` with the credited token counts → `minillm_loss_sums` without a teacher head); its
+expectation under the student must have the gradient of
 
     KL(q || p) = Σ_y q(y) [log q(y) − log p(text(y))],
 
@@ -22,7 +23,7 @@ import pytest
 import torch
 from char_tokenizers import char_tokenizer, pair_tokenizer
 
-from rkd_trl.advantages import discounted_returns, token_rewards
+from rkd_trl.advantages import advantages_from_rollout
 from rkd_trl.crosstokenizer import align_completion, credited_logprobs
 from rkd_trl.losses import minillm_loss_sums
 
@@ -70,14 +71,18 @@ class TabularStudent:
         return logprobs.gather(1, torch.tensor(sequence)[:, None]).squeeze(1)
 
 
-def teacher_text_logprob(teacher, student_tokenizer, teacher_tokenizer, sequence, eos) -> torch.Tensor:
-    """`log p(text(y))`, independently of the library: the teacher tokenizer's own tokenization of the decoded text,
-    then the teacher's EOS when the student ended."""
+def teacher_tokens(student_tokenizer, teacher_tokenizer, sequence, eos) -> list[int]:
+    """Independently of the library: the teacher tokenizer's own tokenization of the decoded text, then the teacher's
+    EOS when the student ended."""
     ended = sequence[-1] == eos
     text = student_tokenizer.decode(sequence[:-1] if ended else sequence)
     tokens = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
-    if ended:
-        tokens = tokens + [teacher_tokenizer.eos_token_id]
+    return tokens + [teacher_tokenizer.eos_token_id] if ended else tokens
+
+
+def teacher_text_logprob(teacher, student_tokenizer, teacher_tokenizer, sequence, eos) -> torch.Tensor:
+    """`log p(text(y))` of the teacher's tokens of the text (`teacher_tokens`)."""
+    tokens = teacher_tokens(student_tokenizer, teacher_tokenizer, sequence, eos)
     return teacher.token_logprobs(tokens).sum() if tokens else torch.zeros((), dtype=torch.float64)
 
 
@@ -94,15 +99,18 @@ def exact_kl_gradient(student, teacher, student_tokenizer, teacher_tokenizer):
 
 
 def library_credits(teacher, student_tokenizer, teacher_tokenizer, sequence, eos):
-    """Teacher log-probs credited to each student token, as the trainer computes them (`[1, T]`)."""
+    """Teacher log-probs credited to each student token, and how many teacher tokens each holds, as the trainer
+    computes them (`[1, T]` each)."""
     ended = sequence[-1] == eos
     alignment = align_completion(
         student_tokenizer, teacher_tokenizer, list(sequence), ended, [teacher_tokenizer.eos_token_id]
     )
     assert alignment.problem is None and alignment.stable, (sequence, alignment)
     logprobs = teacher.token_logprobs(alignment.teacher_ids)[None]
-    positions = torch.tensor([alignment.positions])
-    return credited_logprobs(logprobs, positions, torch.ones_like(logprobs), len(sequence))
+    positions, mask = torch.tensor([alignment.positions]), torch.ones_like(logprobs)
+    return credited_logprobs(logprobs, positions, mask, len(sequence)), credited_logprobs(
+        mask, positions, mask, len(sequence)
+    )
 
 
 def completion_credits(teacher, student_tokenizer, teacher_tokenizer, sequence, eos):
@@ -118,9 +126,11 @@ def completion_credits(teacher, student_tokenizer, teacher_tokenizer, sequence, 
     if ended:
         tokens, positions = tokens + [teacher_tokenizer.eos_token_id], positions + [len(sequence) - 1]
     credited = torch.zeros(1, len(sequence), dtype=torch.float64)
+    counts = torch.zeros(1, len(sequence), dtype=torch.float64)
     if tokens:
         credited[0].index_add_(0, torch.tensor(positions), teacher.token_logprobs(tokens))
-    return credited
+        counts[0].index_add_(0, torch.tensor(positions), torch.ones(len(tokens), dtype=torch.float64))
+    return credited, counts
 
 
 def expected_surrogate_gradient(student, teacher, student_tokenizer, teacher_tokenizer, credits=library_credits):
@@ -130,12 +140,14 @@ def expected_surrogate_gradient(student, teacher, student_tokenizer, teacher_tok
         mask = torch.ones(1, len(sequence), dtype=torch.float64)
         with torch.no_grad():
             old = student.token_logprobs(sequence)
-            credited = credits(teacher, student_tokenizer, teacher_tokenizer, sequence, student.eos)
-            rewards = token_rewards(credited, old[None], mask)
+            credited, counts = credits(teacher, student_tokenizer, teacher_tokenizer, sequence, student.eos)
             # No single-step term across vocabularies: the full return R_t, undiscounted, not normalised.
-            returns = discounted_returns(rewards, mask, 1.0, include_current=True, length_normalized=False)
+            advantages, _ = advantages_from_rollout(
+                credited, old[None], mask, gamma=1.0, include_current=True, length_normalized=False,
+                whiten_advantages=False, teacher_token_counts=counts,
+            )  # fmt: skip
         sums = minillm_loss_sums(
-            student.hidden(sequence), None, student.head, None, tokens, old, returns[0], torch.ones_like(old),
+            student.hidden(sequence), None, student.head, None, tokens, old, advantages[0], torch.ones_like(old),
             temperature=1.0, clip_epsilon=0.2, chunk_size=2, single_step_weight=0.0,
         )  # fmt: skip
         probability = old.sum().exp()
@@ -160,9 +172,10 @@ def setting(request):
 def test_credits_sum_to_the_teacher_log_probability_of_the_text(setting):
     student, teacher, student_tokenizer, teacher_tokenizer = setting
     for sequence in student.sequences:
-        credited = library_credits(teacher, student_tokenizer, teacher_tokenizer, sequence, student.eos)
+        credited, counts = library_credits(teacher, student_tokenizer, teacher_tokenizer, sequence, student.eos)
         expected = teacher_text_logprob(teacher, student_tokenizer, teacher_tokenizer, sequence, student.eos)
         assert torch.allclose(credited.sum(), expected, atol=1e-12), sequence
+        assert counts.sum() == len(teacher_tokens(student_tokenizer, teacher_tokenizer, sequence, student.eos))
 
 
 def test_expected_surrogate_gradient_is_exact_cross_tokenizer_reverse_kl_gradient(setting):

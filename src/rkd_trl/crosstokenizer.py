@@ -266,6 +266,7 @@ class CrossTokenizerScores:
     """Teacher scores of a batch of student completions (`[B]` tensors unless said otherwise)."""
 
     teacher_logprobs: torch.Tensor  # [B, T] teacher log-probs credited to each student token (0 where unscored)
+    credited_tokens: torch.Tensor  # [B, T] how many teacher tokens each student token was credited with
     scored: torch.Tensor  # bool: the text could be scored faithfully (else the row's credits are 0)
     stable: torch.Tensor  # bool: the credit rule's assumption held for the row (see `final_token_counts`)
     teacher_tokens: torch.Tensor  # teacher tokens scored (text and end of turn)
@@ -329,11 +330,11 @@ def score_across_tokenizers(
         )  # fmt: skip
     else:  # nothing to score
         teacher_logprobs = torch.zeros(teacher_ids.shape, device=device)
-    credited = credited_logprobs(
-        teacher_logprobs, positions.to(device), teacher_mask.to(device), completion_ids.size(1)
-    )
+    positions, teacher_mask = positions.to(device), teacher_mask.to(device).float()
+    num_positions = completion_ids.size(1)
     return CrossTokenizerScores(
-        teacher_logprobs=credited,
+        teacher_logprobs=credited_logprobs(teacher_logprobs, positions, teacher_mask, num_positions),
+        credited_tokens=credited_logprobs(teacher_mask, positions, teacher_mask, num_positions),  # 1 per token
         scored=torch.tensor([a.problem is None for a in alignments], device=device),
         stable=torch.tensor([a.stable for a in alignments], device=device),
         teacher_tokens=teacher_mask.sum(1).to(device),

@@ -295,7 +295,25 @@ def cross_tokenizer_answer_quality(
     Greedy answers: Rouge-L (× 100) against the teacher's answers, repeated 4-grams (student tokens), distinct-2, EOS
     rate, length (student tokens and characters), teacher NLL per character. Samples at temperature 1: Monte-Carlo
     reverse KL `E_{y~q}[log q(y) − log p(text(y))]` per sequence, per student token and per character.
+
+    The student is measured in eval mode (a model left in training mode by a trainer may run gradient checkpointing,
+    which turns off the KV cache that decoding relies on) and put back in the mode it was in.
     """
+    was_training = student.training
+    student.eval()
+    try:
+        return _cross_tokenizer_answer_quality(
+            student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens,
+            samples_per_prompt, seed, batch_size,
+        )  # fmt: skip
+    finally:
+        student.train(was_training)
+
+
+def _cross_tokenizer_answer_quality(
+    student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens, samples_per_prompt, seed,
+    batch_size,
+):  # fmt: skip
     from .instructions import generate_answers, user_turns
 
     device = next(student.parameters()).device

@@ -515,9 +515,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 top_p=self.top_p,
                 drop_ended_rows=self._drop_ended_rows,
             )
-            scored_mask = rollout.completion_mask
+            scored_mask, teacher_token_counts = rollout.completion_mask, None
             if self.teacher_tokenizer is not None:
-                rollout, scored_mask = self._score_across_tokenizers(mode, teacher, inputs, rollout)
+                rollout, scored_mask, teacher_token_counts = self._score_across_tokenizers(
+                    mode, teacher, inputs, rollout
+                )
 
         mask = rollout.completion_mask
         advantages, _ = advantages_from_rollout(
@@ -531,6 +533,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             reward_scaling=self.args.reward_scaling,
             reward_clip=self.args.reward_clip,
             sum_over_processes=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
+            teacher_token_counts=teacher_token_counts,
         )
         weights = importance_weights(
             rollout.student_logprobs, rollout.sampling_logprobs, mask, self.args.importance_weight_max
@@ -701,8 +704,9 @@ class ReverseKLDistillTrainer(DistillationTrainer):
     def _score_across_tokenizers(self, mode, teacher, inputs, rollout):
         """The teacher's log-probs of the sampled texts, credited to the student's tokens (one teacher forward).
 
-        Returns the rollout with those scores and the mask of the tokens whose rewards count: a completion whose text
-        the teacher cannot score faithfully (`crosstokenizer.align_completion`) gets no reward and no advantage.
+        Returns the rollout with those scores, the mask of the tokens whose rewards count (a completion whose text the
+        teacher cannot score faithfully, `crosstokenizer.align_completion`, gets no reward and no advantage) and the
+        number of teacher tokens credited to each student token (the teacher's length normalisation).
         """
         scores = score_across_tokenizers(
             teacher,
@@ -735,7 +739,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         metrics["crosstok/teacher_tokens_per_student_token"].append(
             (gather(scores.teacher_tokens.sum()).sum() / student_tokens).item()
         )
-        return rollout, rollout.completion_mask * scored
+        return rollout, rollout.completion_mask * scored, scores.credited_tokens
 
     # ------------------------------------------------------------------ loss
 
