@@ -353,12 +353,16 @@ def paired_table(task_results, reference="MiniLLM (ours)") -> str:
 
 
 def sweep_table(task_results, learning_rates) -> str:
+    """Validity of each method at each learning rate of the sweep; "–" for a rate it was not run at. A `sweep` maps
+    learning rates to validity: numbers in a run, strings once read back from the results JSON, so both are compared
+    as numbers."""
     lines = [
         "| method | " + " | ".join(f"lr {lr:g}" for lr in learning_rates) + " |",
         "|---|" + "---|" * len(learning_rates),
     ]
     for method, result in task_results["methods"].items():
-        cells = [f"{result['sweep'].get(lr, float('nan')):.3f}" for lr in learning_rates]
+        validity = {float(lr): value for lr, value in result["sweep"].items()}
+        cells = [f"{validity[float(lr)]:.3f}" if float(lr) in validity else "–" for lr in learning_rates]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

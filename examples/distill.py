@@ -13,11 +13,13 @@ accelerate launch --config_file examples/accelerate/cpu_2proc.yaml examples/dist
     --config examples/recipes/tiny.yaml --per_device_train_batch_size 8 --output_dir tiny-2proc
 ```
 
-# 8 GPUs: DDP or DeepSpeed ZeRO-3 (see docs/multi-gpu.md; FSDP is not supported)
+# 8 GPUs: DDP, DeepSpeed ZeRO-3 or FSDP2 (see docs/multi-gpu.md; FSDP1 is not supported)
 ```bash
 accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/distill.py \
     --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
 accelerate launch --config_file examples/accelerate/zero3.yaml examples/distill.py \
+    --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
+accelerate launch --config_file examples/accelerate/fsdp2.yaml examples/distill.py \
     --config examples/recipes/qwen2.5-1.5b-to-0.5b.yaml
 ```
 
@@ -30,9 +32,10 @@ python examples/distill.py --config examples/recipes/qwen2.5-7b-to-0.5b-lora-4bi
 names, see docs/migrating-from-gkd.md.
 """
 
-from rkd_trl.cli import make_train_parser, train
+from rkd_trl.cli import make_train_parser, quiet_library_notices, train
 
 if __name__ == "__main__":
+    quiet_library_notices()
     parser = make_train_parser(prog="examples/distill.py")
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config()
     train(script_args, training_args, model_args, dataset_args)

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rkd_trl.cli import quiet_library_notices
 from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
 
 
@@ -49,4 +50,5 @@ if __name__ == "__main__":
     parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--student-sft-steps", type=int, default=100)
     options = parser.parse_args()
+    quiet_library_notices()
     print(f"written to {make_tiny_models(options.output_dir, options.teacher_steps, options.student_sft_steps)}/")

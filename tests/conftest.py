@@ -1,6 +1,8 @@
 """Shared tiny models, tokenizer and task. Everything is built locally; nothing is downloaded."""
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from rkd_trl import ReverseKLDistillConfig  # noqa: E402
 from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_bpe_tokenizer, train_causal_lm  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +55,13 @@ def teacher(tokenizer, trained_teacher_state):
 
 
 @pytest.fixture
+def quantizable_teacher(tokenizer):
+    """An untrained teacher whose linear layers bitsandbytes' 4-bit kernels accept on every CPU: sizes 64 and 128,
+    multiples of the 32-row packing and of the 64-weight quantisation block (the 48-dim `teacher` is not)."""
+    return tiny_causal_lm(tokenizer, hidden_size=64, num_layers=2, seed=1).eval()
+
+
+@pytest.fixture
 def make_student(tokenizer):
     def make(seed=2, padded_vocab_rows=0):
         return tiny_causal_lm(tokenizer, hidden_size=32, num_layers=1, seed=seed, padded_vocab_rows=padded_vocab_rows)
@@ -74,7 +85,7 @@ def make_config(tmp_path):
             report_to=[],
             bf16=False,
             use_cpu=True,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
             save_strategy="no",
             seed=0,
             dataloader_num_workers=0,
@@ -84,3 +95,12 @@ def make_config(tmp_path):
 
     return make
 
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """`examples/make_tiny_models.py`'s models and data (briefly trained), in a folder named `tiny` as in the docs."""
+    spec = importlib.util.spec_from_file_location("make_tiny_models", REPO / "examples" / "make_tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny_models(tmp_path_factory.mktemp("models") / "tiny", teacher_steps=30, student_sft_steps=10)

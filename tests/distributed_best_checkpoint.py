@@ -1,6 +1,7 @@
 """Run by `tests/test_distributed.py` under `accelerate launch` (2 processes): train with checkpoints, evaluation and
 `load_best_model_at_end`, then print the best checkpoint every process ends with."""
 
+import os
 import sys
 
 from accelerate import PartialState
@@ -22,4 +23,8 @@ trainer = ReverseKLDistillTrainer(
     args=args, train_dataset=task.conversations(), eval_dataset=task.conversations(), processing_class=tokenizer,
 )  # fmt: skip
 trainer.train()
-print(f"process {state.process_index} best checkpoint: {trainer.state.best_model_checkpoint}", flush=True)
+# Both processes write to one pipe: empty the buffer, then write the line in one call, which a pipe keeps whole (a
+# buffered print can be split and glued to the other process's line).
+line = f"process {state.process_index} best checkpoint: {trainer.state.best_model_checkpoint}\n"
+sys.stdout.flush()
+os.write(sys.stdout.fileno(), line.encode())

@@ -1,10 +1,13 @@
-"""Smoke run of the quality benchmark: every method trains and every metric is produced and reported."""
+"""Smoke runs of the quality benchmark (every method trains and every metric is produced and reported; the report's
+tables read the saved results as the run wrote them) and of the cross-tokenizer benchmark."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
 
 
 def load_quality_benchmark():
@@ -40,6 +43,21 @@ def test_quality_benchmark_smoke_run(tmp_path):
         assert f"| {method} |" in report
     assert (docs.parent / "benchmarks" / "validity.png").stat().st_size > 0
     assert (docs.parent / "benchmarks" / "exposure_bias.png").stat().st_size > 0
+
+
+def test_sweep_table_reads_results_saved_as_json():
+    quality = load_quality_benchmark()
+    run = {"methods": {"ours": {"sweep": {0.001: 0.5, 0.01: 0.25}}}}  # learning rates are numbers in a run
+    expected = "| method | lr 0.001 | lr 0.003 | lr 0.01 |\n|---|---|---|---|\n| ours | 0.500 | – | 0.250 |"
+    assert quality.sweep_table(run, [0.001, 0.003, 0.01]) == expected
+    assert quality.sweep_table(json.loads(json.dumps(run)), [0.001, 0.003, 0.01]) == expected  # strings in JSON
+
+    results = json.loads((REPO / "docs" / "benchmarks" / "quality_results.json").read_text())
+    page = (REPO / "docs" / "benchmarks.md").read_text()
+    for task_name, task_results in results["tasks"].items():
+        table = quality.sweep_table(task_results, results["settings"]["learning_rates"])
+        assert table in page, f"the sweep table of task {task_name} in docs/benchmarks.md is not the saved results'"
+        assert "–" not in table  # every method ran at every learning rate of the sweep
 
 
 def test_cross_tokenizer_benchmark_smoke_run(tmp_path):

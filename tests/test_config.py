@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 
 from rkd_trl import ReverseKLDistillConfig
@@ -52,3 +54,12 @@ def test_defaults_follow_paper_and_reference(tmp_path):
     config = make(tmp_path)
     assert config.teacher_mix_alpha == 0.2 and config.gamma == 0.95 and config.ppo_clip_epsilon == 0.2
     assert config.length_normalization and config.single_step_regularization and config.disable_dropout
+
+
+def test_activation_checkpointing_is_on_by_default_without_a_deprecation_warning(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert make(tmp_path).activation_checkpointing is True  # trl's default
+        assert make(tmp_path, activation_checkpointing=False).gradient_checkpointing is False  # the alias mirrors it
+    with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # transformers' warning
+        assert make(tmp_path, gradient_checkpointing=False).activation_checkpointing is False  # the alias still works

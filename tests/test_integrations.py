@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from trl.distributed import DistributedBackend
 
 from rkd_trl import ReverseKLDistillTrainer
-from rkd_trl.trainer import check_quantized_teacher_placement
+from rkd_trl.trainer import BNB_CPU_4BIT_ROW_BLOCK, check_quantized_teacher_placement
 
 REPO = Path(__file__).resolve().parents[1]
 # Logged by transformers itself; everything else the trainer logs must be in docs/logging.md.
@@ -87,7 +87,7 @@ def test_model_card_has_citation_teacher_settings_and_final_metrics(
 
     card = (tmp_path / "out" / "README.md").read_text()
     assert "gu2024minillm" in card and "https://huggingface.co/papers/2306.08543" in card
-    assert f"Teacher: `{teacher_path}`" in card
+    assert f"Teacher: `{teacher_path}` (a local checkpoint)." in card
     assert "| `teacher_mix_alpha` | 0.35 |" in card and "| `gamma` | 0.9 |" in card
     assert "| optimizer steps | 2 |" in card
     last_kl = [e["minillm/reverse_kl"] for e in trainer.state.log_history if "minillm/reverse_kl" in e][-1]
@@ -146,10 +146,11 @@ def test_lora_student_adapter_is_saved_and_reloads(tmp_path, make_config, make_s
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bitsandbytes_teacher_from_init_kwargs_trains_on_cpu(
-    tmp_path, make_config, make_student, teacher, tokenizer, task, bits
+    tmp_path, make_config, make_student, quantizable_teacher, tokenizer, task, bits
 ):
     import bitsandbytes as bnb
 
+    teacher = quantizable_teacher  # layer sizes that every CPU kernel of bitsandbytes accepts
     teacher.save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     # As written in a YAML recipe: a plain dict, converted to BitsAndBytesConfig by the trainer.
@@ -194,3 +195,35 @@ def test_bitsandbytes_teacher_fails_early_where_it_cannot_run(
     args = make_config(teacher_model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         build(make_student(), str(tmp_path / "teacher"), tokenizer, task.prompt_dataset(), args)
+
+
+def test_4bit_teacher_rule_is_the_one_of_bitsandbytes_cpu_packing():
+    # The trainer's early check (`check_4bit_teacher_runs_on_cpu`) must reject exactly the shapes that bitsandbytes'
+    # AVX512-BF16 weight packing fails on. The packing itself is plain tensor code, so this runs on any CPU.
+    import bitsandbytes.functional as bnb_functional
+
+    for out_features in (16, 32, 48, 64, 96):
+        for in_features in (32, 48, 64, 96, 128):
+            weight, state = bnb_functional.quantize_4bit(torch.randn(out_features, in_features), blocksize=64)
+            accepted = out_features % BNB_CPU_4BIT_ROW_BLOCK == 0 and in_features % 64 == 0
+            try:
+                bnb_functional._convert_weight_packed_for_cpu(weight, state)
+                packed = True
+            except (AssertionError, RuntimeError):
+                packed = False
+            assert packed == accepted, (out_features, in_features)
+
+
+def test_4bit_teacher_with_unsupported_layer_sizes_fails_early_on_avx512_bf16_cpus(
+    tmp_path, monkeypatch, make_config, make_student, teacher, quantizable_teacher, tokenizer, task
+):
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes.functional, "has_avx512bf16", lambda: True)
+    args = make_config(teacher_model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
+    teacher.save_pretrained(tmp_path / "teacher-48")  # hidden size 48: not a multiple of 32
+    with pytest.raises(ValueError, match=r"4-bit teacher cannot run on this CPU.*model.layers.0.self_attn.q_proj \(48 -> 48\)"):
+        build(make_student(), str(tmp_path / "teacher-48"), tokenizer, task.prompt_dataset(), args)
+    quantizable_teacher.save_pretrained(tmp_path / "teacher-64")
+    build(make_student(), str(tmp_path / "teacher-64"), tokenizer, task.prompt_dataset(), args)
+    # Other CPUs run any size; the trainer's start-up probe runs the teacher, so that case is checked on such CPUs only.

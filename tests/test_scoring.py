@@ -5,9 +5,12 @@ from peft import LoraConfig, get_peft_model
 from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
     OutputHead,
+    ScoringCheck,
+    check_teacher_mass_past_vocab,
     final_hidden_states,
     language_model_backbone,
     output_logits,
+    padded_vocab_limit,
     position_ids_from_mask,
     same_vocabulary,
     shared_vocab_size,
@@ -15,7 +18,7 @@ from rkd_trl.scoring import (
 )
 from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
-from architectures import VOCAB_SIZE, tiny_model
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 
 
 def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):
@@ -38,6 +41,38 @@ def test_output_head_applies_the_models_own_logit_post_processing(model_type):
     assert torch.allclose(head(hidden[0, 2]), model(input_ids=ids).logits[0, 2].float(), atol=1e-5)  # any shape
 
 
+def test_output_head_without_module_hooks_skips_the_hooks_and_computes_the_same_logits(tokenizer, make_student):
+    # Under FSDP2 the trainer gathers the output layer itself and calls it without the per-call hooks FSDP registers.
+    model = make_student(padded_vocab_rows=3)
+    hidden = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    calls = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda module, args: calls.append(module))
+    expected = OutputHead(model, len(tokenizer))(hidden)
+    assert len(calls) == 1
+    logits = OutputHead(model, len(tokenizer), module_hooks=False)(hidden)
+    assert len(calls) == 1
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model_type", ["opt", "llama4_text", "mllama", "gemma4_unified_text"])
+def test_backbone_and_output_head_are_the_ones_the_forward_uses(model_type):
+    """OPT's causal LM calls `self.model.decoder` directly, Llama 4 and Mllama keep their backbone under another name
+    than `base_model_prefix`, Gemma 4's forward reads the input length: hidden states and head reproduce each forward."""
+    model = tiny_model(model_type)
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden_states(model, ids, torch.ones_like(ids))
+    assert torch.allclose(OutputHead(model, VOCAB_SIZE)(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
+
+
+def test_final_hidden_states_cover_every_position_of_a_backbone_that_can_skip_positions():
+    """Gemma 4 runs its KV-shared layers on the last `logits_to_keep` positions only when that is an integer."""
+    model = tiny_model("gemma4_text")
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    hidden = final_hidden_states(model, ids, torch.ones_like(ids))
+    assert hidden.shape[:2] == ids.shape
+    assert torch.allclose(OutputHead(model, VOCAB_SIZE)(hidden), model(input_ids=ids).logits.float(), atol=1e-5)
+
+
 def test_shared_vocab_drops_padding_rows(tokenizer, make_student):
     padded = make_student(padded_vocab_rows=5)
     plain = make_student()
@@ -48,6 +83,26 @@ def test_vocab_smaller_than_tokenizer_is_rejected(tokenizer, make_student):
     other = tiny_causal_lm(build_tokenizer(["x", "y"]))
     with pytest.raises(ValueError, match="same tokenizer"):
         shared_vocab_size(make_student(), other, tokenizer)
+
+
+def test_padding_rows_are_told_from_another_tokenizer_by_their_number():
+    assert padded_vocab_limit(64) == 128  # up to the next multiple of 128
+    assert padded_vocab_limit(151665) >= 152064  # Qwen2.5-7B's padding: 399 rows, within 1%
+    other_tokenizer = tiny_model("llama", vocab_size=4 * VOCAB_SIZE)
+    student = tiny_model("llama")
+    assert shared_vocab_size(student, tiny_model("llama", vocab_size=128), TOKENIZER) == VOCAB_SIZE
+    with pytest.raises(ValueError, match="teacher has 256 vocabulary rows.*likely uses another tokenizer"):
+        shared_vocab_size(student, other_tokenizer, TOKENIZER)
+    with pytest.raises(ValueError, match="student has 256 vocabulary rows.*likely uses another tokenizer"):
+        shared_vocab_size(other_tokenizer, student, TOKENIZER)
+
+
+def test_teacher_probability_on_rows_past_the_shared_vocabulary_is_limited():
+    check_teacher_mass_past_vocab(ScoringCheck(drop_ended_rows=True, mass_past_vocab=0.004), VOCAB_SIZE)
+    with pytest.raises(ValueError, match="teacher puts up to 5.0% of its next-token probability"):
+        check_teacher_mass_past_vocab(ScoringCheck(drop_ended_rows=True, mass_past_vocab=0.05), VOCAB_SIZE)
+    padded = tiny_model("llama", vocab_size=VOCAB_SIZE + 40)  # random output rows: they carry probability
+    assert 0.2 < verify_scoring(padded, VOCAB_SIZE, 0, "teacher").mass_past_vocab < 0.6
 
 
 def test_different_tokenizers_are_told_apart(tokenizer):
@@ -118,3 +173,30 @@ def test_probe_refuses_a_model_whose_incremental_scores_differ_from_its_forward(
     model.forward = forward_off_when_cached.__get__(model)
     with pytest.raises(ValueError, match="student .*model_type='llama'.*cannot be decoded token by token"):
         verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")
+
+
+def test_probe_refuses_a_model_whose_forward_raises(make_student, tokenizer):
+    model = make_student().eval()
+    forward = type(model).forward
+
+    def forward_without_positions(self, *args, position_ids=None, **kwargs):
+        if position_ids is not None:
+            raise RuntimeError("position ids are not supported")
+        return forward(self, *args, **kwargs)
+
+    model.forward = forward_without_positions.__get__(model)
+    with pytest.raises(ValueError, match="student .*cannot be scored: its forward .*position ids are not supported"):
+        verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")
+
+
+def test_probe_checks_the_hidden_states_as_the_losses_compute_them(monkeypatch):
+    """Were `final_hidden_states` to pass an integer `logits_to_keep`, Gemma 4 would return one hidden state per row:
+    the probe refuses the model rather than let the losses fail or score the wrong positions."""
+    import rkd_trl.scoring as scoring
+
+    forward_arguments = scoring.forward_arguments
+    monkeypatch.setattr(
+        scoring, "forward_arguments", lambda *args, **kwargs: forward_arguments(*args, **kwargs) | {"logits_to_keep": 1}
+    )
+    with pytest.raises(ValueError, match="cannot be scored"):
+        verify_scoring(tiny_model("gemma4_text"), VOCAB_SIZE, 0, "teacher")

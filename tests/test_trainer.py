@@ -97,7 +97,7 @@ def test_gradient_accumulation_matches_a_full_batch(make_config, make_student, t
 GKD_STYLE_SCRIPT = """
 args = Config(output_dir=output_dir, per_device_train_batch_size=2, max_steps=2, learning_rate=5e-2,
               lmbda=1.0, beta=1.0, max_new_tokens=4, temperature=1.0, report_to=[], bf16=False, use_cpu=True,
-              save_strategy="no", gradient_checkpointing=False)
+              save_strategy="no", activation_checkpointing=False)
 trainer = Trainer(model=student_path, teacher_model=teacher, args=args, train_dataset=dataset,
                   processing_class=tokenizer,
                   peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))

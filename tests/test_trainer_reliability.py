@@ -1,6 +1,7 @@
 """Faults, checkpoints and resume: NaN/inf steps are withheld, checkpoints are atomic, a resumed run ends where an
 uninterrupted one does, and bad input fails before any step."""
 
+import copy
 import os
 from types import SimpleNamespace
 
@@ -11,6 +12,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from rkd_trl import ReverseKLDistillTrainer
+
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 
 
 def build(make_config, student, teacher, tokenizer, dataset, **config):
@@ -152,7 +155,7 @@ def test_eos_first_completions_and_all_masked_batches_stay_finite(make_config, m
 
 def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, make_student, teacher, tokenizer, task):
     # DeepSpeed steps the optimizer inside backward; the check in `compute_loss` must fire before it. Only the flag is
-    # simulated here: DeepSpeed itself does not run on this CPU machine.
+    # set here, in one process; the ZeRO-3 runs of test_distributed.py use DeepSpeed itself, without a NaN.
     trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
     inputs = trainer._generate_and_score_completions([{"prompt": [{"role": "user", "content": "q1"}]}])
     trainer.model.train()
@@ -163,11 +166,15 @@ def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, ma
 
 
 def test_sharded_decoding_that_could_hang_is_rejected(make_config, make_student, teacher, tokenizer, task):
-    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 runs in test_distributed).
+    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 and FSDP2 run in
+    # test_distributed).
     trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
     trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="FSDP is not supported: the teacher-mixed sampler"):
+    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=1)
+    with pytest.raises(ValueError, match=r"FSDP1 \(fsdp_version: 1\) is not supported; set `fsdp_version: 2`"):
         trainer._check_distributed_setup(trainer.args)
+    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=2)
+    trainer._check_distributed_setup(trainer.args)  # FSDP2: supported
     trainer.is_fsdp_enabled = False
     trainer._dist = SimpleNamespace(is_zero3=True)
     trainer.args.ds3_gather_for_generation = False
@@ -332,7 +339,22 @@ BAD_INPUTS = {
         "ppo_epochs > 1 needs a map-style",
     ),
     "gkd_config_object": (lambda kw, cfg: kw | {"args": _gkd_config(cfg().output_dir)}, "must be a ReverseKLDistillConfig"),
+    # The test tokenizer's chat template formats user turns and renders any other role as an assistant turn.
+    "role_the_chat_template_does_not_know": (
+        lambda kw, cfg: kw
+        | {"train_dataset": _conversations([{"role": "system", "content": "q2"}, {"role": "user", "content": "q1"}])},
+        "row 0: the chat template does not know the role 'system'",
+    ),
+    "message_content_that_is_not_text": (
+        lambda kw, cfg: kw
+        | {"train_dataset": _conversations([{"role": "user", "content": [{"type": "image", "text": ""}]}])},
+        "row 0: a 'user' message's content is a list, not text",
+    ),
 }
+
+
+def _conversations(*conversations):
+    return Dataset.from_dict({"prompt": list(conversations)})
 
 
 def _gkd_config(output_dir):
@@ -353,3 +375,21 @@ def test_bad_input_is_rejected_when_the_trainer_is_built(make_config, make_stude
     }  # fmt: skip
     with pytest.raises((ValueError, TypeError), match=message):
         ReverseKLDistillTrainer(**change(kwargs, make_config))
+
+
+def test_roles_the_chat_template_knows_are_accepted(make_config, make_student, teacher, tokenizer):
+    """A template that writes each message's role (ChatML-like) knows the system role."""
+    chat_tokenizer = copy.deepcopy(tokenizer)
+    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} -> {% endfor %}"
+    dataset = _conversations([{"role": "system", "content": "q2"}, {"role": "user", "content": "q1"}])
+    build(make_config, make_student(), teacher, chat_tokenizer, dataset)
+
+
+def test_teacher_with_another_larger_vocabulary_is_rejected(make_config):
+    """A teacher with 4× the student's vocabulary rows (another tokenizer) is refused by its row count; one whose rows
+    past the tokenizer fit padding but carry probability (tokens of its own) is refused by the start-up probe."""
+    dataset = _prompts("w01 w02", "w03")
+    with pytest.raises(ValueError, match=r"teacher has 256 vocabulary rows, 4.0× the tokenizer's 64 tokens.*another"):
+        build(make_config, tiny_model("llama"), tiny_model("llama", vocab_size=4 * VOCAB_SIZE), TOKENIZER, dataset)
+    with pytest.raises(ValueError, match=r"teacher puts up to \d+\.\d% of its next-token probability .* past the 64"):
+        build(make_config, tiny_model("llama"), tiny_model("llama", vocab_size=VOCAB_SIZE + 40), TOKENIZER, dataset)

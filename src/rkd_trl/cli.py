@@ -7,12 +7,34 @@
 """
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
-import torch
+from .cli_checks import UsageError, check_file, check_source, did_you_mean
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package (a faster 4-bit CPU
+# kernel, fetched from the Hub) is missing. peft imports bitsandbytes and transformers imports peft with
+# TrainingArguments, so it opened the output of every command; it only concerns 4-bit models on CPU (docs/faq.md).
+BITSANDBYTES_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def quiet_library_notices():
+    """Keep the start-up notices of optional libraries out of a command's output (`rkd-trl` and the example scripts
+    call it first): bitsandbytes' missing-kernel notice, and DeepSpeed's "Setting accelerator to CPU" warning
+    (accelerate imports DeepSpeed, when installed, whenever a model is unwrapped or saved): without an accelerator,
+    name DeepSpeed's CPU accelerator (`DS_ACCELERATOR=cpu`, DeepSpeed's own setting, which it would pick anyway) so
+    that it does not search for one."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not record.getMessage().startswith(BITSANDBYTES_KERNELS_NOTICE)
+    )
+    import torch
+
+    if not torch.accelerator.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _demo(options):
@@ -69,10 +91,7 @@ def train(script_args, training_args, model_args, dataset_args):
 
     from .trainer import ReverseKLDistillTrainer
 
-    if model_args.model_name_or_path is None:
-        raise ValueError("Set the student with `--model_name_or_path` (a hub id or a local path).")
-    if training_args.teacher_model_name_or_path is None:
-        raise ValueError("Set the teacher with `--teacher_model_name_or_path` (a hub id or a local path).")
+    check_train_sources(script_args, training_args, model_args, dataset_args)
     # As trl's distillation script: the student's quantisation goes through the trainer's `quantization_config`; the
     # teacher stays unquantised unless `teacher_model_init_kwargs` says otherwise.
     shared_init_kwargs = {
@@ -87,12 +106,10 @@ def train(script_args, training_args, model_args, dataset_args):
 
     if dataset_args.datasets:
         dataset = get_dataset(dataset_args)
-    elif script_args.dataset_name:
+    else:
         dataset = load_dataset(
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
         )
-    else:
-        raise ValueError("Give a dataset: `--dataset_name` (hub id or local directory) or `datasets:` in the YAML.")
 
     trainer = ReverseKLDistillTrainer(
         model=model_args.model_name_or_path,
@@ -115,9 +132,76 @@ def train(script_args, training_args, model_args, dataset_args):
     return trainer
 
 
+def check_train_sources(script_args, training_args, model_args, dataset_args):
+    """Raise `UsageError` before anything is loaded when the student, the teacher or the dataset is missing or names
+    nothing that can be loaded (`cli_checks.check_source`)."""
+    if model_args.model_name_or_path is None:
+        raise UsageError("set the student with --model_name_or_path (a hub id or a local path)")
+    if training_args.teacher_model_name_or_path is None:
+        raise UsageError("set the teacher with --teacher_model_name_or_path (a hub id or a local path)")
+    check_source(model_args.model_name_or_path, "--model_name_or_path")
+    check_source(training_args.teacher_model_name_or_path, "--teacher_model_name_or_path")
+    if dataset_args.datasets:
+        for dataset in dataset_args.datasets:
+            if dataset.data_files is None:  # with data files, `path` may name a builder (`json`, `parquet`, ...)
+                check_source(dataset.path, "datasets: path:", repo_type="dataset")
+    elif script_args.dataset_name:
+        check_source(script_args.dataset_name, "--dataset_name", repo_type="dataset")
+    else:
+        raise UsageError("give a dataset: --dataset_name (hub id or local directory) or `datasets:` in the recipe")
+
+
+def parse_train_arguments(parser, argv):
+    """`parser.parse_args_and_config(argv)`, with the mistakes of a command line or recipe raised as `UsageError`
+    before any value is validated: a recipe that does not exist or is not YAML, keys and flags that no dataclass has
+    (with the closest known name); then the values that a config's validation rejects."""
+    import yaml
+
+    fields = {field.name for dataclass in parser.dataclass_types for field in dataclasses.fields(dataclass)}
+    unknown = []
+    flags = list(argv)
+    if "--config" in flags[:-1]:
+        recipe_path = flags.pop(flags.index("--config") + 1)
+        flags.remove("--config")
+        check_file(recipe_path, "--config")
+        try:
+            recipe = yaml.safe_load(Path(recipe_path).read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or error
+            raise UsageError(f"--config {recipe_path}: not valid YAML ({problem}{where})") from error
+        if not isinstance(recipe, dict):
+            raise UsageError(f"--config {recipe_path}: a recipe is a YAML mapping of field names to values")
+        unknown += [f"unknown key `{key}` in {recipe_path}{did_you_mean(key, fields)}"
+                    for key in recipe if key not in fields and key != "env"]  # fmt: skip
+    unknown += unknown_argument_messages(parser.parse_known_args(flags)[1], ["--" + field for field in fields])
+    if unknown:
+        raise UsageError("; ".join(unknown))
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as error:  # a value rejected by a dataclass's `__post_init__`
+        raise UsageError(" ".join(str(error).split())) from error
+
+
+def unknown_argument_messages(unknown: list[str], flags: list[str]) -> list[str]:
+    """One message per argument that argparse did not recognise; the value after an unknown flag is not one."""
+    messages = []
+    for index, item in enumerate(unknown):
+        if item.startswith("-"):
+            messages.append(f"unknown flag {item}{did_you_mean(item.split('=')[0], flags)}")
+        elif index == 0 or not unknown[index - 1].startswith("-"):
+            hint = f" (a recipe is given with --config {item})" if item.endswith((".yaml", ".yml")) else ""
+            messages.append(f"unexpected argument {item}{hint}")
+    return messages
+
+
 def _train(argv):
     parser = make_train_parser()
-    train(*parser.parse_args_and_config(argv))
+    try:
+        train(*parse_train_arguments(parser, argv))  # `UsageError`: raised by the checks before anything is loaded
+    except UsageError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 def _answers(model, tokenizer, prompts, max_new_tokens, batch_size, greedy):
@@ -165,6 +249,8 @@ def evaluate_model(options) -> dict:
     from .metrics import exact_match, reverse_kl_estimate, rouge_l
     from .trainer import to_prompt_completion
 
+    import torch
+
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or options.model)
     model = AutoModelForCausalLM.from_pretrained(options.model).eval()
@@ -205,8 +291,18 @@ def _single_user_turn(prompt):
     return None
 
 
+def check_eval_sources(options):
+    """Raise `UsageError` before anything is loaded when a model, tokenizer or dataset names nothing loadable."""
+    models = {"--model": options.model, "--teacher": options.teacher, "--tokenizer": options.tokenizer}
+    for argument, name in models.items():
+        if name is not None:
+            check_source(name, argument)
+    check_source(options.dataset, "--dataset", repo_type="dataset")
+
+
 def _eval(options):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_eval_sources(options)
     results = evaluate_model(options)
     print(f"\n{results['dataset']}: {results['num_prompts']} prompts, model {results['model']}")
     print(f"  Rouge-L      {results['rouge_l']:.2f}")
@@ -280,15 +376,22 @@ def main(argv=None):
     commands.add_parser("train", add_help=False, help="distil a student from a teacher (TRL flags or --config YAML)")
     _add_eval_parser(commands)
     argv = list(sys.argv[1:] if argv is None else argv)
-    options, _ = parser.parse_known_args(argv)
+    options, unknown = parser.parse_known_args(argv)
+    quiet_library_notices()
     if options.command == "train":
         _train(argv[argv.index("train") + 1 :])
         return
-    options = parser.parse_args(argv)
-    if options.command == "demo":
-        _demo(options)
-    elif options.command == "eval":
-        _eval(options)
+    command = commands.choices[options.command]
+    try:
+        if unknown:
+            flags = [option for action in command._actions for option in action.option_strings]
+            raise UsageError("; ".join(unknown_argument_messages(unknown, flags)))
+        if options.command == "demo":
+            _demo(options)
+        elif options.command == "eval":
+            _eval(options)
+    except UsageError as error:
+        command.exit(2, f"{command.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,12 @@ class ReverseKLDistillConfig(DistillationConfig):
             AdamW learning rate (reference `--lr 5e-6`).
         max_completion_length (`int`, *optional*, defaults to `256`):
             Longest sampled completion (reference: 512 total, prompts up to 256).
+        activation_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
+            Recompute the student's activations in the backward pass to save memory. `None` means on (trl's default)
+            unless the deprecated alias `gradient_checkpointing` is set.
+        gradient_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
+            transformers' deprecated alias of `activation_checkpointing`: still accepted, with transformers'
+            deprecation warning.
     """
 
     learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate (reference: 5e-6)."})
@@ -94,6 +100,15 @@ class ReverseKLDistillConfig(DistillationConfig):
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Disable dropout in the student so sampling-time and training-time log-probs agree."},
+    )
+    # trl's configs default transformers' deprecated `gradient_checkpointing` to True, which made every config warn
+    # about the deprecation; here the deprecated name stays unset unless given, and `__post_init__` sets the default.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute the student's activations in backward to save memory. None = on (as in trl)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers); warns if set."}
     )
 
     # MiniLLM
@@ -159,6 +174,8 @@ class ReverseKLDistillConfig(DistillationConfig):
     seq_kd: bool = field(default=False, metadata={"help": "GKD sequence-level KD; not used here, True warns."})
 
     def __post_init__(self):
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
         self._resolve_gkd_fields()
         super().__post_init__()
         self._validate()

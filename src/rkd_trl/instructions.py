@@ -52,12 +52,13 @@ def generate_answers(
     max_new_tokens: int,
     *,
     greedy: bool = True,
+    temperature: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
 ) -> Answers:
     """Answers of `model` (its own `generate`, chat template, left padding) to the prompt texts.
 
-    `greedy=False` samples at temperature 1 with no top-k / top-p (the distribution the student is trained on).
+    `greedy=False` samples at `temperature` with no top-k / top-p (at 1, the distribution the student is trained on).
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -74,7 +75,11 @@ def generate_answers(
                 return_tensors="pt",
                 return_dict=True,
             ).to(device)
-            sampling = {"do_sample": False} if greedy else {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0}
+            sampling = (
+                {"do_sample": False}
+                if greedy
+                else {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": temperature}
+            )
             output = model.generate(
                 **batch, **sampling, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
             )
@@ -99,14 +104,22 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_teacher_answers(teacher, tokenizer, prompts: list[str], max_new_tokens: int, cache_dir, batch_size=16):
-    """Greedy `generate_answers` of `teacher`, cached in `cache_dir` under a key of its weights and the settings."""
+def cached_teacher_answers(
+    teacher, tokenizer, prompts: list[str], max_new_tokens: int, cache_dir, batch_size=16, temperature=None, seed=0
+):
+    """`generate_answers` of `teacher` (greedy, or sampled at `temperature`), cached in `cache_dir` under a key of its
+    weights and the settings."""
     settings = {"teacher": weights_fingerprint(teacher), "prompts": prompts, "max_new_tokens": max_new_tokens}
+    if temperature is not None:
+        settings.update(temperature=temperature, seed=seed)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"teacher-answers-{key}.json"
     if path.is_file():
         return Answers(**json.loads(path.read_text()))
-    answers = generate_answers(teacher, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    answers = generate_answers(
+        teacher, tokenizer, prompts, max_new_tokens, greedy=temperature is None,
+        temperature=temperature or 1.0, batch_size=batch_size, seed=seed,
+    )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(answers.__dict__))
     return answers

@@ -8,7 +8,6 @@ strings and are tested against hand computations; the model-level helpers sample
 from functools import cache
 from pathlib import Path
 
-import evaluate
 import torch
 import torch.nn.functional as F
 
@@ -93,6 +92,8 @@ def validity(task, prompts, answers) -> float:
 @cache
 def _rouge_l_module():
     # Loaded by path from the package: `evaluate.load("rouge")` would download its script from the Hub.
+    import evaluate
+
     return evaluate.load(str(Path(__file__).with_name("rouge_l.py")))
 
 

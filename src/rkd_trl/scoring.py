@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import is_peft_model
-from transformers import GenerationConfig
+from peft import PeftModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerationMode
 from transformers.modeling_outputs import ModelOutput
@@ -25,12 +25,30 @@ from trl.trainer.utils import pad
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers `*ForCausalLM` inside a model that may be PEFT-wrapped (adapters stay active in it)."""
-    return model.base_model.model if is_peft_model(model) else model
+    # An isinstance check: accelerate's `is_peft_model` reads package metadata at every call (milliseconds), and this
+    # runs at every decoding step.
+    return model.base_model.model if isinstance(model, PeftModel) else model
 
 
 def language_model_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head."""
-    return causal_lm(model).base_model
+    """The module of a causal LM (PEFT-wrapped or not) that returns the final hidden states: all but the output head.
+
+    The base model (its pretrained submodule where `base_model_prefix` names no attribute, as in Llama 4), or the
+    decoder inside it (`get_decoder()`) where the causal LM's forward calls that directly (OPT: `self.model.decoder`).
+    """
+    lm = causal_lm(model)
+    base_model = lm.base_model
+    if base_model is lm:
+        base_model = next(module for module in lm.children() if isinstance(module, PreTrainedModel))
+    return base_model.get_decoder()
+
+
+def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> list[str]:
+    """Attribute names that lead from `root` to its submodule `module` (`["model"]`, `["model", "decoder"]`)."""
+    for name, candidate in root.named_modules():
+        if candidate is module:
+            return name.split(".")
+    raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
 
 
 def accepted_arguments(model: torch.nn.Module) -> set[str]:
@@ -51,7 +69,9 @@ def forward_arguments(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if "position_ids" in accepted:
         arguments["position_ids"] = position_ids_from_mask(attention_mask)
     if "logits_to_keep" in accepted:
-        arguments.setdefault("logits_to_keep", 1)
+        # Given as the index of the last position: an integer also lets some backbones drop the earlier positions
+        # before their last layers (Gemma 4's KV-shared layers), and those hidden states are what the caller wants.
+        arguments.setdefault("logits_to_keep", torch.tensor([input_ids.size(1) - 1], device=input_ids.device))
     return arguments
 
 
@@ -97,26 +117,46 @@ class _PassThroughBackbone:
 
     def __init__(self, backbone, hidden):
         self._backbone = backbone
-        self._hidden = hidden
+        self.hidden = hidden
 
     def __call__(self, *args, **kwargs):
-        return _HiddenStatesOnly(last_hidden_state=self._hidden)
+        return _HiddenStatesOnly(last_hidden_state=self.hidden)
 
     def __getattr__(self, name):
         return getattr(self._backbone, name)
 
 
-class _WithBackbone:
-    """Stands for a causal LM inside its own `forward`, with the backbone attribute replaced."""
+class _WithoutModuleHooks:
+    """Stands for a module called through its `forward` alone, without the hooks `__call__` would run."""
 
-    def __init__(self, model, backbone):
-        self._model = model
-        self._backbone = backbone
+    def __init__(self, module):
+        self._module = module
+
+    def __call__(self, *args, **kwargs):
+        return self._module.forward(*args, **kwargs)
 
     def __getattr__(self, name):
-        if name == self._model.base_model_prefix:
+        return getattr(self._module, name)
+
+
+class _WithBackbone:
+    """Stands for a causal LM inside its own `forward`, with the module at attribute path `path` replaced by
+    `backbone` (each module on the way is a stand-in too, so that OPT's `self.model.decoder` reaches it) and, without
+    `module_hooks`, its other submodules called without their hooks."""
+
+    def __init__(self, model, path: list[str], backbone, module_hooks: bool = True):
+        self._model = model
+        self._path = path
+        self._backbone = backbone
+        self._module_hooks = module_hooks
+
+    def __getattr__(self, name):
+        if name == self._path[0] and len(self._path) == 1:
             return self._backbone
-        return getattr(self._model, name)
+        value = getattr(self._model, name)
+        if name != self._path[0]:
+            return _WithoutModuleHooks(value) if not self._module_hooks and isinstance(value, torch.nn.Module) else value
+        return _WithBackbone(value, self._path[1:], self._backbone, self._module_hooks)
 
 
 class OutputHead:
@@ -130,12 +170,18 @@ class OutputHead:
     Args:
         model: the causal LM (PEFT-wrapped or not).
         vocab_size: number of leading vocabulary rows kept; rows past it are padding rows of the embedding matrix.
+        module_hooks: call the output layer through its module hooks (the default). False calls its `forward` alone:
+            under FSDP2, whose hooks would gather and free the parameters at every call and register backward hooks
+            that free them before the backward is done, the caller gathers them once around all calls instead
+            (`fsdp.gathered`) and builds the head while they are gathered.
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, module_hooks: bool = True):
         self.model = causal_lm(model)
         self.vocab_size = vocab_size
-        self.backbone = self.model.base_model
+        self.module_hooks = module_hooks
+        self.backbone = language_model_backbone(self.model)
+        self.backbone_path = _module_path(self.model, self.backbone)
         weight = getattr(self.model.get_output_embeddings(), "weight", None)
         self.dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
         backbone_only = {id(p) for p in self.backbone.parameters()} - {
@@ -148,8 +194,10 @@ class OutputHead:
         if self.dtype is not None:
             hidden = hidden.to(self.dtype)
         leading = hidden.shape[:-1]
-        stand_in = _WithBackbone(self.model, _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1))))
-        logits = type(self.model).forward(stand_in, use_cache=False).logits
+        pass_through = _PassThroughBackbone(self.backbone, hidden.reshape(1, -1, hidden.size(-1)))
+        stand_in = _WithBackbone(self.model, self.backbone_path, pass_through, self.module_hooks)
+        # The hidden states stand as input embeddings too: some forwards read the input length (Gemma 4).
+        logits = type(self.model).forward(stand_in, inputs_embeds=pass_through.hidden, use_cache=False).logits
         return logits.reshape(*leading, logits.size(-1))[..., : self.vocab_size].float()
 
     def parameters(self):
@@ -250,9 +298,11 @@ class IncrementalDecoder:
 
 @dataclass
 class ScoringCheck:
-    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding."""
+    """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding, and
+    the largest next-token probability the model put on its vocabulary rows past the shared ones."""
 
     drop_ended_rows: bool
+    mass_past_vocab: float = 0.0
 
 
 def _logprob_discrepancy(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -315,18 +365,25 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows)
 
 
 @torch.no_grad()
-def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str) -> ScoringCheck:
+def verify_scoring(
+    model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str, compute_dtype: torch.dtype | None = None
+) -> ScoringCheck:
     """Start-up probe: the scores this package computes for `model` equal those of its own plain forward.
 
-    On three short left-padded sequences that end at different steps it checks that (1) the final hidden states and
-    `OutputHead` reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them token by token, first
-    dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the model type and what
-    differs when neither way reproduces the forward (then training would learn from wrong numbers).
+    On three short left-padded sequences that end at different steps it checks that (1) `final_hidden_states` and
+    `OutputHead`, as the losses use them, reproduce the model's logits, and (2) `IncrementalDecoder` reproduces them
+    token by token, first dropping finished rows from the cache, else keeping them. Raises a `ValueError` naming the
+    model type and what differs when neither way reproduces the forward, or when the forward cannot run (then training
+    would learn from wrong numbers, or fail later).
+
+    `compute_dtype`: the mixed-precision dtype the model's forward runs in (accelerate wraps the forward in autocast,
+    while the output head runs where the loss calls it), when lower than the parameters' own; the tolerance is that of
+    the lower precision.
     """
     lm = causal_lm(model)
     device = next(lm.parameters()).device
     dtype = next(p for p in lm.parameters() if p.is_floating_point()).dtype
-    tolerance = scoring_tolerance(dtype)
+    tolerance = max(scoring_tolerance(dtype), scoring_tolerance(compute_dtype or dtype))
     batch = _probe_batch(vocab_size, pad_token_id, device)
     model_type = lm.config.model_type
     was_training = lm.training
@@ -337,12 +394,20 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
         attention_mask = torch.cat([batch[1], batch[3]], 1)
         arguments = forward_arguments(lm, input_ids, attention_mask, use_cache=False)
         arguments.pop("logits_to_keep", None)
-        with captured_hidden_states(lm) as box:
-            logits = lm(**arguments).logits[..., :vocab_size].float()
         valid = attention_mask.bool()
+        try:
+            all_logits = lm(**arguments).logits[valid].float()
+            head_logits = head(final_hidden_states(lm, input_ids, attention_mask)[valid])
+        except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
+            raise ValueError(
+                f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored: its forward over "
+                "left-padded sequences (positions from the attention mask, as `generate` gives them), or its output "
+                f"head on its final hidden states, raises {type(error).__name__}: {error}"
+            ) from error
         head_error = _logprob_discrepancy(
-            F.log_softmax(logits[valid], -1), F.log_softmax(head(box["hidden"][valid]), -1)
+            F.log_softmax(all_logits[:, :vocab_size], -1), F.log_softmax(head_logits, -1)
         )
+        mass_past_vocab = all_logits.softmax(-1)[:, vocab_size:].sum(-1).max().item()
         if not head_error <= tolerance:
             raise ValueError(
                 f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be scored from its hidden states: "
@@ -357,7 +422,7 @@ def verify_scoring(model: torch.nn.Module, vocab_size: int, pad_token_id: int, n
             except Exception as error:  # a cache that cannot be reordered, a model that cannot decode step by step
                 errors[drop_ended_rows] = f"{type(error).__name__}: {error}"
             if isinstance(errors[drop_ended_rows], float) and errors[drop_ended_rows] <= tolerance:
-                return ScoringCheck(drop_ended_rows=drop_ended_rows)
+                return ScoringCheck(drop_ended_rows, mass_past_vocab)
         raise ValueError(
             f"The {name} ({type(lm).__name__}, model_type={model_type!r}) cannot be decoded token by token "
             "reproducibly: its incremental log-probs differ from its own full forward over the same tokens "
@@ -381,7 +446,8 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
 
     Embedding matrices are often padded past the tokenizer's vocabulary (Qwen2.5: 151936 rows in small models,
     152064 in large ones); those rows are never produced by the tokenizer and are dropped from both distributions.
-    Anything else (a teacher whose vocabulary is not the student's) is an error.
+    Anything else is an error: fewer rows than tokens, or more than padding explains (`padded_vocab_limit`), as a
+    teacher with another, larger tokenizer has.
     """
     student_rows = student.config.get_text_config().vocab_size
     teacher_rows = teacher.config.get_text_config().vocab_size
@@ -395,7 +461,41 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
             "unless the teacher is scored across tokenizers: for a teacher with another tokenizer, give its tokenizer "
             "as `teacher_processing_class=` (docs/cross-tokenizer.md)."
         )
+    limit = padded_vocab_limit(tokenizer_size)
+    for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows > limit:
+            raise ValueError(
+                f"The {name} has {rows} vocabulary rows, {rows / tokenizer_size:.1f}× the tokenizer's "
+                f"{tokenizer_size} tokens: more than embedding padding explains (at most {limit} rows), so it likely "
+                "uses another tokenizer. Both models must use the tokenizer given as `processing_class`, unless the "
+                "teacher's own tokenizer is given as `teacher_processing_class=` (cross-tokenizer scoring, "
+                "docs/cross-tokenizer.md)."
+            )
     return vocab_size
+
+
+def padded_vocab_limit(tokenizer_size: int) -> int:
+    """Most embedding rows padding explains for a tokenizer of `tokenizer_size` tokens: up to the next multiple of 128,
+    or 1% more (Qwen2.5-7B: 152064 rows for 151665 tokens)."""
+    return max(-(-tokenizer_size // 128) * 128, tokenizer_size + tokenizer_size // 100)
+
+
+# A trained model gives the padding rows of its embedding matrix next to no probability; a teacher whose rows past the
+# tokenizer hold real tokens of its own does not.
+MAX_TEACHER_MASS_PAST_VOCAB = 0.01
+
+
+def check_teacher_mass_past_vocab(check: ScoringCheck, vocab_size: int) -> None:
+    """Raise if the teacher put more than 1% of a next-token distribution on its rows past the shared `vocab_size`
+    during the start-up probe: those rows are tokens of another tokenizer, not padding."""
+    if check.mass_past_vocab > MAX_TEACHER_MASS_PAST_VOCAB:
+        raise ValueError(
+            f"The teacher puts up to {check.mass_past_vocab:.1%} of its next-token probability on vocabulary rows "
+            f"past the {vocab_size} that the tokenizer produces (padding rows get next to none in a trained model): "
+            "it likely uses another tokenizer. Both models must use the tokenizer given as `processing_class`, unless "
+            "the teacher's own tokenizer is given as `teacher_processing_class=` (cross-tokenizer scoring, "
+            "docs/cross-tokenizer.md)."
+        )
 
 
 def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
@@ -406,7 +506,12 @@ def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
 def check_finite_parameters(model: torch.nn.Module, name: str) -> None:
     """Raise if a floating-point parameter of `model` holds NaN or inf (a corrupt or badly converted checkpoint)."""
     for parameter_name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+        if not parameter.is_floating_point():
+            continue
+        finite = torch.isfinite(parameter).all()
+        if hasattr(finite, "full_tensor"):  # an FSDP2 shard: reduce over the processes, so that all of them agree
+            finite = finite.full_tensor()
+        if not finite:
             raise ValueError(
                 f"The {name}'s parameter `{parameter_name}` contains NaN or inf values: the checkpoint is corrupt or "
                 "was converted to a dtype it overflows. Reload it in float32/bfloat16 or from another checkpoint."

@@ -9,9 +9,12 @@ the algorithm:
 
 import dataclasses
 import os
+import re
 import shutil
 import textwrap
 import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -30,7 +33,6 @@ from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import (
     RepeatSampler,
     create_model_from_path,
-    get_config_model_id,
     pad,
     shuffle_sequence_dict,
     split_tensor_dict,
@@ -39,11 +41,15 @@ from trl.trainer.utils import (
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids, teacher_turn_end_ids
+from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
+from .metrics import repeated_ngram_share
+from .model_card import hub_repo_id, model_reference, origin_sentence
 from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
     check_finite_parameters,
+    check_teacher_mass_past_vocab,
     final_hidden_states,
     left_pad,
     same_vocabulary,
@@ -52,6 +58,9 @@ from .scoring import (
 )
 
 logger = logging.get_logger(__name__)
+# trl 1.16's `unwrap_model_for_generation` (pinned) reads transformers' deprecated `is_gradient_checkpointing` at
+# every rollout; the deprecation warning is addressed to trl, and a user of this trainer can do nothing about it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Written next to `rng_state*.pth` in a checkpoint taken in the middle of a `ppo_epochs` window: the rollouts that the
 # remaining passes of the window reuse.
@@ -113,6 +122,37 @@ def check_quantized_teacher_placement(teacher, backend: DistributedBackend) -> N
             "The teacher is quantised with bitsandbytes, and DeepSpeed ZeRO-3 / FSDP cannot shard 4-bit or 8-bit "
             "weights. Use data parallelism (examples/accelerate/multi_gpu.yaml), where each process holds the "
             "whole quantised teacher, or an unquantised teacher sharded by ZeRO-3 / FSDP."
+        )
+
+
+# bitsandbytes' 4-bit kernel for CPUs with AVX512-BF16 repacks each weight at the layer's first inference forward
+# (`bitsandbytes.functional._convert_weight_packed_for_cpu`) in blocks of this many output rows.
+BNB_CPU_4BIT_ROW_BLOCK = 32
+
+
+def check_4bit_teacher_runs_on_cpu(teacher) -> None:
+    """A 4-bit teacher on a CPU with AVX512-BF16 takes bitsandbytes' packed kernel, which needs every quantised
+    layer's `out_features` divisible by 32 and `in_features` by the quantisation block size; other CPUs (and GPUs) run
+    any shape. Raise here rather than with bitsandbytes' bare assertion at the first sampled token."""
+    if not getattr(teacher, "is_loaded_in_4bit", False) or next(teacher.parameters()).device.type != "cpu":
+        return
+    import bitsandbytes
+
+    if not bitsandbytes.functional.has_avx512bf16():
+        return
+    unsupported = [
+        f"{name} ({module.in_features} -> {module.out_features})"
+        for name, module in teacher.named_modules()
+        if isinstance(module, bitsandbytes.nn.Linear4bit)
+        and (module.out_features % BNB_CPU_4BIT_ROW_BLOCK or module.in_features % module.weight.blocksize)
+    ]
+    if unsupported:
+        listed = ", ".join(unsupported[:3]) + (", ..." if len(unsupported) > 3 else "")
+        raise ValueError(
+            "The 4-bit teacher cannot run on this CPU: with AVX512-BF16, bitsandbytes' 4-bit kernel needs each "
+            f"quantised layer's output size divisible by {BNB_CPU_4BIT_ROW_BLOCK} and input size by the quantisation "
+            f"block size, and {len(unsupported)} layer(s) are not: {listed}. Load the teacher in 8-bit "
+            "(`load_in_8bit: true`), unquantised, or on a GPU."
         )
 
 
@@ -264,10 +304,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         else:
             self._set_up_cross_tokenizer_teacher(teacher_model, train_dataset, args)
         check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher_model, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        check_4bit_teacher_runs_on_cpu(teacher_model)
+        self.teacher_model = self._prepare_teacher(teacher_model)
         self.teacher_model.eval()
         for parameter in self.teacher_model.parameters():
             parameter.requires_grad_(False)
@@ -296,19 +334,35 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                      "minillm/clip_fraction", "completions/mean_length", "completions/clipped_ratio",
                      "loss/single_step", "loss/policy_gradient", "loss/lm", "entropy", "train_loss")  # fmt: skip
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card (MiniLLM citation, framework versions, tracker links), with a "Distillation" section: the
-        teacher, the distillation settings and the last logged metrics. `push_to_hub` and checkpoints call it too."""
-        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, license=None):
+        """TRL's model card (tags, tracker links, framework versions, MiniLLM citation), with a "Distillation" section
+        (the teacher, the distillation settings and the last logged metrics) and with the names that TRL's template
+        gets wrong for local paths and model objects set right (`model_card`): the title is `model_name`, by default
+        the repository or output folder's name; the base model and the dataset are Hub links and metadata only when
+        they are Hub ids; the quick-start snippet loads the Hub repository, or the output folder before a push.
+        `license` (a Hub license id, e.g. "apache-2.0") goes into the metadata. `push_to_hub` calls it too."""
+        if model_name is None:
+            model_name = Path(self.args.hub_model_id or self.args.output_dir).name
+        hub_dataset = hub_repo_id(dataset_name)
+        super().create_model_card(model_name=model_name, dataset_name=hub_dataset, tags=tags)
         if not self.is_world_process_zero():
             return
         path = os.path.join(self.args.output_dir, "README.md")
         card = ModelCard.load(path)
+        card.data.pop("licence")  # a placeholder of TRL's template, not the Hub's `license` field
+        card.data.license = license
+        card.data.base_model = hub_repo_id(self.model.config.name_or_path)
+        card.data.datasets = [hub_dataset] if hub_dataset else None  # the Hub's metadata schema: a list of ids
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        origin = origin_sentence(self.model, teacher, dataset_name)
+        card.text = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: origin, card.text, count=1,
+                           flags=re.MULTILINE)  # fmt: skip
+        card.text = card.text.replace('model="None"', f'model="{self.hub_model_id or self.args.output_dir}"', 1)
         card.text = card.text.replace("### Framework versions", self._distillation_card_section() + "### Framework versions", 1)
         card.save(path)
 
     def _distillation_card_section(self) -> str:
-        teacher_name = get_config_model_id(self.accelerator.unwrap_model(self.teacher_model).config)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
         global_batch = (
             self.args.per_device_train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
         )
@@ -316,7 +370,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             "### Distillation",
             "",
             (
-                f"Teacher: `{teacher_name or 'a model object without a name'}`. Objective: sequence-level reverse KL "
+                f"Teacher: {model_reference(teacher)}. Objective: sequence-level reverse KL "
                 "`KL(student || teacher)` minimised by policy gradient (MiniLLM), on completions sampled from "
                 "`teacher_mix_alpha · teacher + (1 - teacher_mix_alpha) · student`."
             ),
@@ -365,26 +419,30 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         """Start-up probe of both models (`scoring.verify_scoring`): their hidden states, output heads and token-by-token
         decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
         finished rows can be dropped from the model's cache while sampling."""
-        with (
-            unwrap_model_for_generation(self.model_wrapped, self.accelerator) as student,
-            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
-        ):
+        # Mixed precision runs each model's forward in autocast (accelerate wraps it) and the loss's output head in the
+        # training step's autocast: the probe then compares at that precision.
+        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
             teacher_vocab = (self.vocab_size, pad_token_id) if self.teacher_tokenizer is None else self._teacher_vocab
-            checks = [verify_scoring(student, self.vocab_size, pad_token_id, "student"),
-                      verify_scoring(teacher, *teacher_vocab, "teacher")]  # fmt: skip
+            checks = [verify_scoring(student, self.vocab_size, pad_token_id, "student", compute_dtype),
+                      verify_scoring(teacher, *teacher_vocab, "teacher", compute_dtype)]  # fmt: skip
+        if self.teacher_tokenizer is None:  # a teacher of another tokenizer is scored over all its rows
+            check_teacher_mass_past_vocab(checks[1], self.vocab_size)
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
         # The teacher-mixed decode loop calls both models once per token, and each process stops when its own
         # completions have ended. With parameters gathered per layer at every call, processes would then make
         # different numbers of collective calls and wait for each other forever.
-        if self.is_fsdp_enabled:
+        if self.is_fsdp_enabled and self._dist.fsdp_version != 2:
             raise ValueError(
-                "FSDP is not supported: the teacher-mixed sampler calls the models token by token outside their root "
-                "forward, and FSDP gathers parameters per layer at every call, which needs every process to decode the "
-                "same number of steps. Use DeepSpeed ZeRO-3 (examples/accelerate/zero3.yaml), which gathers each "
-                "model once for the whole decode loop, or DDP (examples/accelerate/multi_gpu.yaml)."
+                "FSDP1 (fsdp_version: 1) is not supported; set `fsdp_version: 2` in the accelerate config "
+                "(examples/accelerate/fsdp2.yaml). The teacher-mixed sampler calls both models token by token and "
+                "each process stops when its own completions end, so the trainer gathers each model once per rollout. "
+                "FSDP2 offers that (`unshard`/`reshard`); FSDP1 does not: its `summon_full_params` must not be used "
+                "around a forward, and with FULL_SHARD it gathers each wrapped module at every call, so processes "
+                "that decode different numbers of steps would wait for each other forever."
             )
         if self._dist.is_zero3 and not args.ds3_gather_for_generation:
             raise ValueError(
@@ -438,7 +496,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         return total - self.max_completion_length, f"{source} ({total}) - max_completion_length ({self.max_completion_length})"
 
     def _check_prompts(self, dataset, name: str):
-        """Every prompt must have at least one token and leave room for `max_completion_length` new ones."""
+        """Every prompt must render as intended (`_check_conversations`), have at least one token and leave room for
+        `max_completion_length` new ones."""
         if isinstance(dataset, dict):
             for key, split in dataset.items():
                 self._check_prompts(split, f"{name}[{key!r}]")
@@ -447,7 +506,10 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             return
         limit, source = self._prompt_length_limit()
         for start in range(0, len(dataset), 1000):
-            prompt_ids, _, _ = self._tokenize_prompts(dataset[start : start + 1000]["prompt"])
+            prompts = dataset[start : start + 1000]["prompt"]
+            if is_conversational({"prompt": prompts[0]}):
+                self._check_conversations(prompts, name, start)
+            prompt_ids, _, _ = self._tokenize_prompts(prompts)
             for offset, ids in enumerate(prompt_ids):
                 if len(ids) == 0:
                     raise ValueError(
@@ -459,6 +521,41 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                         f"{name} row {start + offset}: the prompt has {len(ids)} tokens, more than {source} = "
                         f"{limit}. Shorten or drop long prompts, or lower max_new_tokens."
                     )
+
+    def _check_conversations(self, prompts, name: str, first_row: int):
+        """Conversations must be what a text chat template renders as intended: every message's content is text, and
+        every role but user and assistant is one the template knows (it does not render it as a made-up role)."""
+        roles = {}
+        for offset, conversation in enumerate(prompts):
+            for message in conversation:
+                content = message.get("content")
+                if not isinstance(content, str):
+                    raise ValueError(
+                        f"{name} row {first_row + offset}: a {message.get('role')!r} message's content is a "
+                        f"{type(content).__name__}, not text, and the student and teacher are text-only language "
+                        "models. Give every message's content as a string: join text parts, drop images and other "
+                        "non-text parts."
+                    )
+                roles.setdefault(message.get("role"), first_row + offset)
+        for role, row in roles.items():
+            if role not in ("user", "assistant") and self._renders_as_an_unknown_role(role):
+                raise ValueError(
+                    f"{name} row {row}: the chat template does not know the role {role!r}: it renders a {role!r} "
+                    "message exactly as it renders one of a made-up role. Rename or drop those messages (e.g. fold a "
+                    f"system message into the first user turn), or give the tokenizer a chat template for {role!r}."
+                )
+
+    def _renders_as_an_unknown_role(self, role) -> bool:
+        def render(message_role):
+            return self.processing_class.apply_chat_template(
+                [{"role": message_role, "content": "text"}], tokenize=False, chat_template=self.chat_template,
+                **self.chat_template_kwargs,
+            )  # fmt: skip
+
+        try:
+            return render(role) == render("made-up role")
+        except Exception:  # the template raises for one of them (or for any lone message): it tells roles apart
+            return False
 
     def _get_train_sampler(self, dataset=None):
         # Each generation batch is served `gradient_accumulation_steps × ppo_epochs` times: once per micro-batch of
@@ -491,15 +588,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         prompt_ids, prompt_mask = left_pad(prompt_token_lists, self._tokenizer.pad_token_id)
         prompt_ids, prompt_mask = prompt_ids.to(self.accelerator.device), prompt_mask.to(self.accelerator.device)
 
-        with (
-            unwrap_model_for_generation(
-                self.model_wrapped,
-                self.accelerator,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
-            ) as student,
-            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
-        ):
+        with self._models_for_rollout() as (student, teacher):
             rollout = sample_teacher_mixed(
                 student,
                 teacher if self.teacher_tokenizer is None else None,  # a teacher of another tokenizer scores text
@@ -616,6 +705,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         max_weight = gather(masked_weights.max()).max()
         ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
         truncated = gather((~ended.any(1)).float())
+        token_lists = [row[valid].tolist() for row, valid in zip(rollout.completion_ids, mask)]
+        repetition = gather(torch.tensor([repeated_ngram_share([tokens], 4) for tokens in token_lists], device=mask.device))
 
         metrics = self._metrics[mode]
         metrics["minillm/reward_mean"].append(rewards.item())
@@ -626,6 +717,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         metrics["completions/min_length"].append(lengths.min().item())
         metrics["completions/max_length"].append(lengths.max().item())
         metrics["completions/clipped_ratio"].append(truncated.mean().item())
+        metrics["completions/repeated_4grams"].append(repetition.mean().item())
         if mode == "train":
             tokens = gather(prompt_mask.sum() + rollout.completion_mask.sum()).sum()
             self.state.num_input_tokens_seen += tokens.item()
@@ -767,22 +859,24 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         # Without a shared vocabulary (a teacher of another tokenizer) the teacher is in the advantages only.
         shared_vocabulary = "teacher_hidden" in inputs
-        sums = minillm_loss_sums(
-            hidden[completion_mask],
-            inputs["teacher_hidden"][completion_mask] if shared_vocabulary else None,
-            OutputHead(unwrapped_student, self.vocab_size),
-            OutputHead(teacher, self.vocab_size) if shared_vocabulary else None,
-            inputs["completion_ids"][completion_mask],
-            inputs["old_logprobs"][completion_mask],
-            inputs["advantages"][completion_mask],
-            inputs["importance_weights"][completion_mask],
-            temperature=self.temperature,
-            clip_epsilon=self.args.ppo_clip_epsilon,
-            chunk_size=self.args.loss_chunk_size,
-            single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
-            sharded_head=self._dist.is_zero3,
-            min_chunks=self._max_chunk_count(num_tokens),
-        )
+        teacher_head_block = self._output_head(teacher) if shared_vocabulary else nullcontext()
+        with self._output_head(unwrapped_student) as student_head, teacher_head_block as teacher_head:
+            sums = minillm_loss_sums(
+                hidden[completion_mask],
+                inputs["teacher_hidden"][completion_mask] if shared_vocabulary else None,
+                student_head,
+                teacher_head,
+                inputs["completion_ids"][completion_mask],
+                inputs["old_logprobs"][completion_mask],
+                inputs["advantages"][completion_mask],
+                inputs["importance_weights"][completion_mask],
+                temperature=self.temperature,
+                clip_epsilon=self.args.ppo_clip_epsilon,
+                chunk_size=self.args.loss_chunk_size,
+                single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
+                sharded_head=self._dist.is_zero3,
+                min_chunks=self._max_chunk_count(num_tokens),
+            )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
         metrics = {  # name: (sum over tokens, token count), averaged over all processes in `compute_loss`
@@ -811,23 +905,77 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         (positions from the attention mask, as in sampling, so left padding changes nothing)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
+        hidden = self._student_hidden_states(unwrapped_student, input_ids, attention_mask)
         prompt_length = inputs["prompt_ids"].size(1)
         return hidden[:, prompt_length - 1 : -1]
 
     def _lm_loss_sum(self, unwrapped_student, inputs):
-        hidden = final_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])[:, :-1]
+        hidden = self._student_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])
         labels = inputs["lm_labels"][:, 1:]
         valid = labels != -100
-        total = lm_loss_sum(
-            hidden[valid],
-            OutputHead(unwrapped_student, self.vocab_size),
-            labels[valid],
-            self.args.loss_chunk_size,
-            sharded_head=self._dist.is_zero3,
-            min_chunks=self._max_chunk_count(valid.sum()),
-        )
+        with self._output_head(unwrapped_student) as student_head:
+            total = lm_loss_sum(
+                hidden[:, :-1][valid],
+                student_head,
+                labels[valid],
+                self.args.loss_chunk_size,
+                sharded_head=self._dist.is_zero3,
+                min_chunks=self._max_chunk_count(valid.sum()),
+            )
         return total, valid.sum()
+
+    # ------------------------------------------------------------------ sharded models (DeepSpeed ZeRO-3, FSDP2)
+
+    def _prepare_teacher(self, teacher):
+        """The teacher as the backend holds it: a ZeRO-3 inference engine, sharded by FSDP2 like the student (no
+        optimizer), or placed whole on each process's device."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return shard_teacher(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    @contextmanager
+    def _models_for_rollout(self):
+        """`(student, teacher)` ready for token-by-token sampling: unwrapped by trl (ZeRO-3 gathers each model for the
+        block); under FSDP2 every FSDP module of both models is gathered once for the block, so the decode loop
+        makes no collective call and processes may decode different numbers of steps."""
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as student,
+            unwrap_model_for_generation(self.teacher_model, self.accelerator) as teacher,
+            gathered(fsdp_modules(student)),
+            gathered(fsdp_modules(teacher)),
+        ):
+            yield student, teacher
+        forget_forwards(self.teacher_model)
+
+    @contextmanager
+    def _output_head(self, model):
+        """`scoring.OutputHead` of `model` for the loss. Under FSDP2 the head runs outside the root forward: the FSDP
+        modules holding its parameters are gathered once for the block and the head bypasses their per-call hooks.
+        A head that is differentiated stays gathered after the block: FSDP reduces its gradients and frees it in the
+        backward, like the rest of the model."""
+        if not fsdp_modules(model):
+            yield OutputHead(model, self.vocab_size)
+            return
+        holders = modules_holding(model, OutputHead(model, self.vocab_size).parameters())
+        differentiated = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+        with gathered(holders, reshard=not differentiated):
+            yield OutputHead(model, self.vocab_size, module_hooks=False)
+
+    def _student_hidden_states(self, unwrapped_student, input_ids, attention_mask):
+        """`scoring.final_hidden_states` of the student, for a loss that projects them with `_output_head`; under FSDP2
+        the head's unit is gathered again, if freed, when the backward reaches them (`fsdp.unshard_before_backward`)."""
+        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
+        if fsdp_modules(unwrapped_student):
+            holders = modules_holding(unwrapped_student, OutputHead(unwrapped_student, self.vocab_size).parameters())
+            unshard_before_backward(hidden, holders)
+        return hidden
 
     # ------------------------------------------------------------------ faults and checkpoints
 
@@ -851,6 +999,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         # its scale, and it must see them to do so. Only the loss is checked then, and the gradients are left alone.
         scaled = self.accelerator.scaler is not None
         grads = [] if scaled else [p.grad for p in model.parameters() if p.grad is not None]
+        # FSDP2 keeps gradients as DTensor shards: each process checks its own (the verdict is gathered below).
+        grads = [grad.to_local() if hasattr(grad, "to_local") else grad for grad in grads]
         if grads:
             finite = torch.stack([g.isfinite().all().to(nonfinite.device) for g in grads]).all()
             nonfinite = nonfinite + (~finite).float()
