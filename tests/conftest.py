@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from rkd_trl import ReverseKLDistillConfig  # noqa: E402
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm  # noqa: E402
+from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_bpe_tokenizer, train_causal_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +23,20 @@ def task():
 @pytest.fixture(scope="session")
 def tokenizer(task):
     return task.tokenizer()
+
+
+@pytest.fixture(scope="session")
+def teacher_bpe_tokenizer(task):
+    """A tokenizer of another kind for a teacher: byte-level BPE trained on the task's conversations, with its own
+    chat template (`synthetic.TURN_TEMPLATE`)."""
+    texts = [" ".join(message["content"] for message in row) for row in task.conversations()["messages"]]
+    return train_bpe_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture
+def bpe_teacher(teacher_bpe_tokenizer):
+    """A random-weight teacher over `teacher_bpe_tokenizer`."""
+    return tiny_causal_lm(teacher_bpe_tokenizer, hidden_size=32, num_layers=1, seed=3).eval()
 
 
 @pytest.fixture(scope="session")

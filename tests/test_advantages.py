@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from rkd_trl.advantages import discounted_returns, importance_weights, token_rewards, whiten
+from rkd_trl.advantages import advantages_from_rollout, discounted_returns, importance_weights, token_rewards, whiten
 
 
 def hand_returns(rewards, length, gamma, include_current, normalized):
@@ -41,6 +41,44 @@ def test_paper_length_normalisation_divides_by_remaining_count():
     rewards = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     got = discounted_returns(rewards, torch.ones(1, 4), 1.0, include_current=False, length_normalized=True)
     assert torch.allclose(got, torch.tensor([[3.0, 3.5, 4.0, 0.0]]))
+
+
+def test_length_normalisation_counts_the_tokens_each_position_holds():
+    # Credits [a, 0, b, c] holding [1, 0, 2, 3] teacher tokens: R_t divides by the tokens held at positions ≥ t.
+    rewards = torch.tensor([[1.0, 0.0, 4.0, 6.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    counts = torch.tensor([[1.0, 0.0, 2.0, 3.0, 5.0]])  # the last position is masked: its count is ignored
+    got = discounted_returns(rewards, mask, 1.0, include_current=True, length_normalized=True, counts=counts)
+    assert torch.allclose(got, torch.tensor([[11 / 6, 10 / 5, 10 / 5, 6 / 3, 0.0]]))
+    after = discounted_returns(rewards, mask, 1.0, include_current=False, length_normalized=True, counts=counts)
+    assert torch.allclose(after, torch.tensor([[10 / 5, 10 / 5, 6 / 3, 0.0, 0.0]]))
+
+
+def test_each_model_normalised_by_its_own_tokens_across_tokenizers():
+    """With teacher token counts, the return is the teacher's log-prob per teacher token of what follows minus the
+    student's per student token; with every count 1 it is the usual return, normalised or not."""
+    generator = torch.Generator().manual_seed(0)
+    teacher = -torch.rand(2, 5, generator=generator) * 4
+    student = -torch.rand(2, 5, generator=generator) * 4
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    settings = {"gamma": 0.9, "include_current": True, "whiten_advantages": False, "reward_scaling": 0.5}
+    for normalized in (True, False):
+        usual, _ = advantages_from_rollout(teacher, student, mask, length_normalized=normalized, **settings)
+        ones, _ = advantages_from_rollout(
+            teacher, student, mask, length_normalized=normalized, teacher_token_counts=torch.ones(2, 5), **settings
+        )
+        assert torch.allclose(ones, usual, atol=1e-6)
+    counts = torch.tensor([[0.0, 2.0, 0.0, 1.0, 3.0], [1.0, 1.0, 2.0, 0.0, 0.0]])
+    got, _ = advantages_from_rollout(
+        teacher * (counts > 0), student, mask, gamma=1.0, include_current=True, length_normalized=True,
+        whiten_advantages=False, teacher_token_counts=counts,
+    )  # fmt: skip
+    for row in range(2):
+        length = int(mask[row].sum())
+        for t in range(length):
+            teacher_mean = (teacher[row, t:length] * (counts[row, t:length] > 0)).sum() / counts[row, t:length].sum()
+            student_mean = student[row, t:length].mean()
+            assert torch.isclose(got[row, t], teacher_mean - student_mean, atol=1e-6), (row, t)
 
 
 def test_rewards_scaled_clipped_and_masked():

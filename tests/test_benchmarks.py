@@ -1,5 +1,5 @@
-"""Smoke run of the quality benchmark: every method trains and every metric is produced and reported; the report's
-tables read the saved results as the run wrote them."""
+"""Smoke runs of the quality benchmark (every method trains and every metric is produced and reported; the report's
+tables read the saved results as the run wrote them) and of the cross-tokenizer benchmark."""
 
 import importlib.util
 import json
@@ -58,3 +58,19 @@ def test_sweep_table_reads_results_saved_as_json():
         table = quality.sweep_table(task_results, results["settings"]["learning_rates"])
         assert table in page, f"the sweep table of task {task_name} in docs/benchmarks.md is not the saved results'"
         assert "–" not in table  # every method ran at every learning rate of the sweep
+
+
+def test_cross_tokenizer_benchmark_smoke_run(tmp_path):
+    """The cross-tokenizer benchmark's code on a tiny random teacher with a tokenizer of its own: it trains, every
+    figure is produced, and every sampled completion is scored by the teacher."""
+    spec = importlib.util.spec_from_file_location("cross_tokenizer", BENCHMARKS / "cross_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--work-dir", str(tmp_path)])
+    assert list(results["results"]) == ["SFT (start)", "LM loss only", "reverse KL + LM loss"]
+    for arm, figures in results["results"].items():
+        for key, _ in module.FIGURES:
+            assert math.isfinite(figures[key]), (arm, key)
+        assert figures["unscored_samples"] == 0
+    assert len(results["training_log"]) == module.SMOKE.steps
+    assert all(entry["crosstok/unscored_fraction"] == 0.0 for entry in results["training_log"])

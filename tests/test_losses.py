@@ -102,6 +102,35 @@ def test_chunked_sums_equal_plain_path_values_and_gradients(chunk_size, temperat
     assert case["teacher_head"].weight.grad is None
 
 
+@pytest.mark.parametrize("sharded_head", [False, True], ids=["closed_form", "sharded_head"])
+def test_chunked_sums_without_a_teacher_are_the_policy_gradient_alone(sharded_head):
+    """No teacher over the student's vocabulary (a teacher of another tokenizer): the objective and its gradients are
+    those of the plain path's policy-gradient term, and the single-step sum is 0."""
+    case = random_case()
+    case["weights"] = torch.linspace(0.5, 1.5, case["token_ids"].numel())
+    plain, _ = plain_objective(case, 0.7, 0.2, 0.0)
+    plain_grads = torch.autograd.grad(
+        plain.policy_gradient.sum(), [case["student_hidden"], case["student_head"].weight]
+    )
+    sums = minillm_loss_sums(
+        case["student_hidden"], None, case["student_head"], None,
+        case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
+        temperature=0.7, clip_epsilon=0.2, chunk_size=5, single_step_weight=0.0, sharded_head=sharded_head,
+    )  # fmt: skip
+    grads = torch.autograd.grad(sums["objective"], [case["student_hidden"], case["student_head"].weight])
+    assert torch.allclose(sums["objective"], plain.policy_gradient.sum(), atol=1e-5)
+    assert sums["single_step"].item() == 0.0
+    assert torch.allclose(sums["entropy"], plain.entropy.sum(), atol=1e-5)
+    for a, b in zip(grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="single-step term needs the teacher"):
+        minillm_loss_sums(
+            case["student_hidden"], None, case["student_head"], None,
+            case["token_ids"], case["old_logprobs"], case["advantages"], case["weights"],
+            temperature=0.7, clip_epsilon=0.2, chunk_size=5, single_step_weight=1.0,
+        )  # fmt: skip
+
+
 def test_chunked_gradient_scales_with_the_upstream_gradient_and_flows_through_head_post_processing():
     """A head with soft-capping and a bias (post-processing the closed form does not know about): the chunked
     gradient of `3 × objective` equals autograd's through the plain path."""

@@ -246,3 +246,21 @@ def test_without_teacher_mixing_the_sampler_draws_from_the_student(tokenizer, te
     chi2 = (((empirical - q) * n) ** 2 / (q * n))[keep].sum().item()
     df = int(keep.sum()) - 1
     assert chi2 < df + 3.09 * math.sqrt(2 * df) + 2, (chi2, df)
+
+
+def test_without_a_teacher_the_student_samples_alone(tokenizer, teacher, make_student):
+    """A teacher of another tokenizer scores text afterwards (`crosstokenizer`): the sampler takes none at α = 0, draws
+    the same completions as with one (same seed), and leaves the teacher scores empty; with α > 0 it refuses."""
+    student = make_student().eval()
+    ids, mask = prompt_batch(tokenizer, ["q0", "q1 q2", "q3"])
+    settings = dict(vocab_size=len(tokenizer), max_new_tokens=6, alpha=0.0, eos_token_ids=[tokenizer.eos_token_id],
+                    pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    alone = sample_teacher_mixed(student, None, ids, mask, **settings)
+    torch.manual_seed(0)
+    scored = sample_teacher_mixed(student, teacher, ids, mask, **settings)
+    assert torch.equal(alone.completion_ids, scored.completion_ids)
+    assert torch.equal(alone.student_logprobs, scored.student_logprobs)
+    assert alone.teacher_hidden is None and (alone.teacher_logprobs == 0).all()
+    with pytest.raises(ValueError, match="needs the teacher in the decode loop"):
+        sample_teacher_mixed(student, None, ids, mask, **{**settings, "alpha": 0.2})

@@ -30,12 +30,15 @@ def discounted_returns(
     gamma: float,
     include_current: bool,
     length_normalized: bool,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return `R_t = Σ_{t' ≥ s} γ^(t'-s) r_t'` with `s = t` (`include_current`) or `s = t + 1`.
 
     With `include_current=False` this is the long-term return `R_{t+1}` of paper Eq. 5 (the single-step term covers
     `r_t`). With `length_normalized`, `R_t` is divided by the number of rewards it sums, which for `s = t + 1` is the
-    paper's `R^Norm_{t+1} = 1/(T-t-1) Σ_{t'>t} r_t'` (Eq. 7, 0-based `t`); a return over no rewards is 0.
+    paper's `R^Norm_{t+1} = 1/(T-t-1) Σ_{t'>t} r_t'` (Eq. 7, 0-based `t`); a return over no rewards is 0. `counts`
+    (`[B, T]`) makes position `t'` count as `counts[t']` rewards instead of one: the number of tokens its reward
+    holds, e.g. teacher tokens credited to one student token (`crosstokenizer`).
     """
     mask = mask.to(rewards.dtype)
     returns = torch.zeros_like(rewards)
@@ -48,9 +51,10 @@ def discounted_returns(
             returns[:, t] = running
             running = rewards[:, t] + gamma * running
     if length_normalized:
-        remaining = mask.flip(1).cumsum(1).flip(1)  # valid tokens at positions ≥ t
-        counts = remaining if include_current else remaining - mask
-        returns = torch.where(counts > 0, returns / counts.clamp(min=1), torch.zeros_like(returns))
+        units = mask if counts is None else counts.to(rewards.dtype) * mask
+        remaining = units.flip(1).cumsum(1).flip(1)  # rewards summed at positions ≥ t
+        summed = remaining if include_current else remaining - units
+        returns = torch.where(summed > 0, returns / summed.clamp(min=1), torch.zeros_like(returns))
     return returns * mask
 
 
@@ -105,11 +109,30 @@ def advantages_from_rollout(
     reward_scaling: float = 1.0,
     reward_clip: float | None = None,
     sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher_token_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards → (length-normalised, discounted) returns → optional whitening (over the valid tokens of every
-    process when `sum_over_processes` is given, see `whiten`). Returns `(advantages, rewards)`."""
+    process when `sum_over_processes` is given, see `whiten`). Returns `(advantages, rewards)`.
+
+    `teacher_token_counts` (`[B, T]`, a teacher of another tokenizer): how many teacher tokens' log-probs each student
+    token was credited with (`crosstokenizer.credited_logprobs`). The return is then `R_t(log p) − R_t(log q)` with
+    each model's part length-normalised by its own tokens — the teacher's log-prob per teacher token of the text not
+    yet final, minus the student's per student token — and each part scaled and clipped on its own. With one shared
+    tokenizer every count is 1 and that is `R_t(log p − log q)`.
+    """
     rewards = token_rewards(teacher_logprobs, student_logprobs, mask, reward_scaling, reward_clip)
-    advantages = discounted_returns(rewards, mask, gamma, include_current, length_normalized)
+    if teacher_token_counts is None:
+        advantages = discounted_returns(rewards, mask, gamma, include_current, length_normalized)
+    else:
+        zeros = torch.zeros_like(student_logprobs)
+        teacher_part, student_part = (
+            discounted_returns(
+                token_rewards(logprobs, zeros, mask, reward_scaling, reward_clip), mask, gamma, include_current,
+                length_normalized, counts,
+            )
+            for logprobs, counts in ((teacher_logprobs, teacher_token_counts), (student_logprobs, None))
+        )  # fmt: skip
+        advantages = teacher_part - student_part
     if whiten_advantages:
         advantages = whiten(advantages, mask, sum_over_processes=sum_over_processes)
     return advantages, rewards

@@ -230,7 +230,9 @@ def minillm_logit_gradients(
 
     Args:
         student_logits, teacher_logits: `[N, V]` float logits, no gradient (`teacher_logits` is overwritten to save
-            memory; `student_logits` is left alone, it may be saved by the head's autograd graph).
+            memory; `student_logits` is left alone, it may be saved by the head's autograd graph). `teacher_logits`
+            None (a teacher of another vocabulary) leaves the policy gradient alone: `single_step_weight` must be 0
+            and the single-step sum is 0.
         token_ids, old_logprobs, advantages, weights: `[N]`.
 
     Returns:
@@ -243,24 +245,31 @@ def minillm_logit_gradients(
     normalizer = student_probs.sum(-1, keepdim=True)
     student_probs /= normalizer
     student_logprobs -= normalizer.log()
-    teacher_logprobs = teacher_logits.div_(temperature) if temperature != 1.0 else teacher_logits
-    teacher_logprobs -= teacher_logprobs.logsumexp(-1, keepdim=True)
 
     token_logprobs = student_logprobs.gather(-1, token_ids[:, None]).squeeze(-1)
     policy_gradient, clipped = clipped_policy_gradient_loss(
         token_logprobs, old_logprobs, advantages, weights, clip_epsilon
     )
     entropy = -torch.einsum("nv,nv->n", student_probs, student_logprobs)
-    reverse_kl = -entropy - torch.einsum("nv,nv->n", student_probs, teacher_logprobs)
     ratio = weights * torch.exp(token_logprobs - old_logprobs)
     grad_token_logprob = torch.where(clipped, 0.0, -advantages * ratio)
 
-    # ∂/∂s = q ⊙ (c·(a - KL) - g) + g·onehot(y), with g = ∂ℓ/∂log q(y); built in the teacher's buffer.
-    grad = teacher_logprobs.neg_().add_(student_logprobs)
+    if teacher_logits is None:
+        if single_step_weight != 0.0:
+            raise ValueError("The single-step term needs the teacher's logits over the student's vocabulary.")
+        reverse_kl = torch.zeros_like(entropy)
+        # ∂/∂s = g·(onehot(y) - q), with g = ∂ℓ/∂log q(y).
+        grad = student_probs * -grad_token_logprob[:, None]
+    else:
+        teacher_logprobs = teacher_logits.div_(temperature) if temperature != 1.0 else teacher_logits
+        teacher_logprobs -= teacher_logprobs.logsumexp(-1, keepdim=True)
+        reverse_kl = -entropy - torch.einsum("nv,nv->n", student_probs, teacher_logprobs)
+        # ∂/∂s = q ⊙ (c·(a - KL) - g) + g·onehot(y), with g = ∂ℓ/∂log q(y); built in the teacher's buffer.
+        grad = teacher_logprobs.neg_().add_(student_logprobs)
+        if single_step_weight != 1.0:
+            grad.mul_(single_step_weight)
+        grad.sub_((single_step_weight * reverse_kl + grad_token_logprob)[:, None]).mul_(student_probs)
     del student_logprobs
-    if single_step_weight != 1.0:
-        grad.mul_(single_step_weight)
-    grad.sub_((single_step_weight * reverse_kl + grad_token_logprob)[:, None]).mul_(student_probs)
     grad.scatter_add_(-1, token_ids[:, None], grad_token_logprob[:, None])
     if temperature != 1.0:
         grad.div_(temperature)
@@ -275,9 +284,9 @@ def minillm_logit_gradients(
 
 def minillm_loss_sums(
     student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
     student_head: Callable[[torch.Tensor], torch.Tensor],
-    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor] | None,
     token_ids: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -295,9 +304,11 @@ def minillm_loss_sums(
 
     Args:
         student_hidden: `[N, H]` student final hidden states, with gradient.
-        teacher_hidden: `[N, H']` teacher final hidden states recorded while sampling.
+        teacher_hidden: `[N, H']` teacher final hidden states recorded while sampling; None for a teacher of another
+            vocabulary (`crosstokenizer`), whose scores are in the advantages only (then `single_step_weight = 0`).
         student_head, teacher_head: map hidden states to `[n, V]` float logits and expose `parameters()` (an
             `nn.Module`, or `scoring.OutputHead`); the student head's trainable parameters receive gradients.
+            `teacher_head` is None when `teacher_hidden` is.
         single_step_weight: weight `c` of the single-step sum in `objective`.
         sharded_head: the student head's parameters are sharded across processes (DeepSpeed ZeRO-3): differentiate
             them through the head's forward under checkpointing (`_checkpointed_head_loss`).
@@ -311,7 +322,7 @@ def minillm_loss_sums(
 
     def chunk_objective(student_logits, piece, tokens, old, adv, w):
         with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden[piece])
+            teacher_logits = teacher_head(teacher_hidden[piece]) if teacher_hidden is not None else None
         sums, grad = minillm_logit_gradients(
             student_logits, teacher_logits, tokens, old, adv, w,
             temperature=temperature, clip_epsilon=clip_epsilon, single_step_weight=single_step_weight,

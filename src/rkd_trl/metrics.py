@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids
 from .sampling import sample_teacher_mixed
 from .scoring import forward_arguments, left_pad, shared_vocab_size, verify_scoring
 
@@ -279,5 +280,100 @@ def answer_quality(student, teacher, tokenizer, prompts, teacher_answers, max_ne
         "reverse_kl_per_sequence": log_ratio.mean().item(),
         "sample_eos_rate": sample_ended.mean().item(),
         "sample_length": sample_lengths.mean().item(),
+        "greedy_answers": greedy.texts,
+    }
+
+
+@torch.no_grad()
+def cross_tokenizer_answer_quality(
+    student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens,
+    samples_per_prompt=2, seed=0, batch_size=16,
+):  # fmt: skip
+    """`answer_quality` for a teacher with another tokenizer: the teacher's scores are those of the student's text
+    (`crosstokenizer.score_across_tokenizers`: its own chat template and tokenization, its end of turn when the student
+    ended), so per-token figures are per character (or per student token) instead.
+
+    Greedy answers: Rouge-L (× 100) against the teacher's answers, repeated 4-grams (student tokens), distinct-2, EOS
+    rate, length (student tokens and characters), teacher NLL per character. Samples at temperature 1: Monte-Carlo
+    reverse KL `E_{y~q}[log q(y) − log p(text(y))]` per sequence, per student token and per character.
+
+    The student is measured in eval mode (a model left in training mode by a trainer may run gradient checkpointing,
+    which turns off the KV cache that decoding relies on) and put back in the mode it was in.
+    """
+    was_training = student.training
+    student.eval()
+    try:
+        return _cross_tokenizer_answer_quality(
+            student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens,
+            samples_per_prompt, seed, batch_size,
+        )  # fmt: skip
+    finally:
+        student.train(was_training)
+
+
+def _cross_tokenizer_answer_quality(
+    student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens, samples_per_prompt, seed,
+    batch_size,
+):  # fmt: skip
+    from .instructions import generate_answers, user_turns
+
+    device = next(student.parameters()).device
+    vocab_size = student.config.get_text_config().vocab_size
+    eos_token_ids = [tokenizer.eos_token_id]
+    teacher_eos = teacher_eos_token_ids(teacher, teacher_tokenizer)
+
+    def teacher_scores(prompt_texts, completion_ids, completion_mask):
+        return score_across_tokenizers(
+            teacher, teacher_tokenizer, tokenizer, user_turns(prompt_texts), completion_ids, completion_mask,
+            eos_token_ids=eos_token_ids, teacher_eos_token_ids=teacher_eos,
+            vocab_size=teacher.config.get_text_config().vocab_size,
+        )  # fmt: skip
+
+    greedy = generate_answers(student, tokenizer, prompts, max_new_tokens)
+    greedy_teacher_logprob, greedy_characters = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        answers = greedy.token_ids[start : start + batch_size]
+        completion_ids = pad_right(answers, tokenizer.pad_token_id).to(device)
+        completion_mask = pad_right([[1] * len(a) for a in answers], 0).to(device)
+        scores = teacher_scores(prompts[start : start + batch_size], completion_ids, completion_mask)
+        greedy_teacher_logprob += scores.teacher_logprobs.sum().item()
+        greedy_characters += scores.characters.sum().item()
+
+    torch.manual_seed(seed)
+    drop_ended_rows = verify_scoring(student, vocab_size, tokenizer.pad_token_id, "student").drop_ended_rows
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    log_ratios, lengths, characters, ended, unscored = [], [], [], [], 0
+    for start in range(0, len(repeated), batch_size):
+        batch = repeated[start : start + batch_size]
+        ids, mask = chat_prompt_batch(tokenizer, batch, device)
+        rollout = sample_teacher_mixed(
+            student, None, ids, mask, vocab_size=vocab_size, max_new_tokens=max_new_tokens, alpha=0.0,
+            eos_token_ids=eos_token_ids, pad_token_id=tokenizer.pad_token_id, drop_ended_rows=(drop_ended_rows, True),
+        )  # fmt: skip
+        scores = teacher_scores(batch, rollout.completion_ids, rollout.completion_mask)
+        unscored += int((~scores.scored).sum())
+        log_ratios.append(rollout.student_logprobs.sum(1) - scores.teacher_logprobs.sum(1))
+        lengths.append(rollout.completion_mask.sum(1).float())
+        characters.append(scores.characters.float())
+        eos = torch.tensor(eos_token_ids, device=device)
+        ended.append((torch.isin(rollout.completion_ids, eos) & rollout.completion_mask.bool()).any(1).float())
+    log_ratio, length, character = torch.cat(log_ratios), torch.cat(lengths), torch.cat(characters)
+    answer_tokens = sum(len(tokens) for tokens in greedy.token_ids)
+    return {
+        "rouge_l": 100.0 * rouge_l(greedy.texts, [[answer] for answer in teacher_answers]),
+        "repeated_4grams": repeated_ngram_share(greedy.token_ids, 4),
+        "distinct_2": distinct_n(greedy.texts, 2),
+        "eos_rate": sum(greedy.ended) / len(greedy.ended),
+        "length": answer_tokens / len(prompts),
+        "length_characters": greedy_characters / len(prompts),
+        "teacher_nll_per_character": -greedy_teacher_logprob / max(greedy_characters, 1),
+        "reverse_kl_per_sequence": log_ratio.mean().item(),
+        "reverse_kl_per_sequence_stderr": (log_ratio.std() / log_ratio.numel() ** 0.5).item(),
+        "reverse_kl_per_token": (log_ratio.sum() / length.sum()).item(),
+        "reverse_kl_per_character": (log_ratio.sum() / character.sum().clamp(min=1)).item(),
+        "sample_eos_rate": torch.cat(ended).mean().item(),
+        "sample_length": length.mean().item(),
+        "sample_length_characters": character.mean().item(),
+        "unscored_samples": unscored,
         "greedy_answers": greedy.texts,
     }

@@ -33,7 +33,7 @@ class Rollout:
     student_logprobs: torch.Tensor  # log q_θ(y_t | y_<t, x) at sampling time
     teacher_logprobs: torch.Tensor  # log p(y_t | y_<t, x)
     sampling_logprobs: torch.Tensor  # log p̃(y_t | y_<t, x): the distribution y_t was actually drawn from
-    teacher_hidden: torch.Tensor  # teacher final hidden state that predicted y_t
+    teacher_hidden: torch.Tensor | None  # teacher final hidden state that predicted y_t (None: no teacher scored)
 
 
 def mix_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -161,7 +161,9 @@ def sample_teacher_mixed(
     where `drop_ended_rows` allows it, see `scoring.verify_scoring`).
 
     Args:
-        student, teacher: causal LMs sharing the first `vocab_size` vocabulary rows.
+        student, teacher: causal LMs sharing the first `vocab_size` vocabulary rows. With `alpha = 0` the teacher
+            may be None (a teacher of another tokenizer, scored by `crosstokenizer`): the rollout's teacher scores
+            are then 0 and `teacher_hidden` is None.
         prompt_ids, prompt_mask: `[B, P]` left-padded prompts.
         alpha: teacher share of the mixture; `0` is plain sampling from the student, with the teacher scoring the
             completions in one parallel forward afterwards.
@@ -173,6 +175,8 @@ def sample_teacher_mixed(
     """
     if not bool(prompt_mask[:, -1].all()):
         raise ValueError("sample_teacher_mixed needs left-padded prompts (the last column must be real tokens).")
+    if teacher is None and alpha > 0.0:
+        raise ValueError("Teacher-mixed sampling (alpha > 0) needs the teacher in the decode loop; got teacher=None.")
     teacher_in_loop = alpha > 0.0
     student_decoder = IncrementalDecoder(student, vocab_size, temperature, drop_ended_rows=drop_ended_rows[0])
     teacher_decoder = (
@@ -222,6 +226,8 @@ def sample_teacher_mixed(
     student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
     if teacher_in_loop:
         hidden = hidden[:, :length]
+    elif teacher is None:
+        hidden = None
     else:
         hidden, teacher_scores = score_completions(
             teacher, prompt_ids, prompt_mask, completion_ids, completion_mask,

@@ -457,8 +457,9 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
         raise ValueError(
             f"The student has {student_rows} vocabulary rows and the teacher {teacher_rows}, but the tokenizer has "
             f"{tokenizer_size} tokens: the models do not share the tokenizer's vocabulary. Reverse-KL distillation "
-            "compares the two next-token distributions token by token, so both models must use the same tokenizer. "
-            "For teachers with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+            "compares the two next-token distributions token by token, so both models must use the same tokenizer, "
+            "unless the teacher is scored across tokenizers: for a teacher with another tokenizer, give its tokenizer "
+            "as `teacher_processing_class=` (docs/cross-tokenizer.md)."
         )
     limit = padded_vocab_limit(tokenizer_size)
     for name, rows in (("student", student_rows), ("teacher", teacher_rows)):
@@ -466,8 +467,9 @@ def shared_vocab_size(student: torch.nn.Module, teacher: torch.nn.Module, tokeni
             raise ValueError(
                 f"The {name} has {rows} vocabulary rows, {rows / tokenizer_size:.1f}× the tokenizer's "
                 f"{tokenizer_size} tokens: more than embedding padding explains (at most {limit} rows), so it likely "
-                "uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
-                "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+                "uses another tokenizer. Both models must use the tokenizer given as `processing_class`, unless the "
+                "teacher's own tokenizer is given as `teacher_processing_class=` (cross-tokenizer scoring, "
+                "docs/cross-tokenizer.md)."
             )
     return vocab_size
 
@@ -490,19 +492,15 @@ def check_teacher_mass_past_vocab(check: ScoringCheck, vocab_size: int) -> None:
         raise ValueError(
             f"The teacher puts up to {check.mass_past_vocab:.1%} of its next-token probability on vocabulary rows "
             f"past the {vocab_size} that the tokenizer produces (padding rows get next to none in a trained model): "
-            "it likely uses another tokenizer. Both models must use the tokenizer given as `processing_class`; for a "
-            "teacher with another tokenizer use a cross-tokenizer method (e.g. trl's GOLD trainer)."
+            "it likely uses another tokenizer. Both models must use the tokenizer given as `processing_class`, unless "
+            "the teacher's own tokenizer is given as `teacher_processing_class=` (cross-tokenizer scoring, "
+            "docs/cross-tokenizer.md)."
         )
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> None:
-    """Raise if two tokenizers do not map the same strings to the same ids."""
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(
-            "The teacher's tokenizer differs from the student's (different token → id maps). Reverse-KL "
-            "distillation needs one shared vocabulary; for teachers with another tokenizer use a cross-tokenizer "
-            "method (e.g. trl's GOLD trainer)."
-        )
+def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (then one vocabulary serves both models)."""
+    return student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
 
 
 def check_finite_parameters(model: torch.nn.Module, name: str) -> None:

@@ -7,12 +7,13 @@ the algorithm:
     →  advantages (rewards, length-normalised returns, importance weights)  →  loss (policy gradient + single step)
 """
 
+import dataclasses
 import os
 import re
 import shutil
 import textwrap
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,6 +40,7 @@ from trl.trainer.utils import (
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
+from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids, teacher_turn_end_ids
 from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .metrics import repeated_ngram_share
@@ -47,10 +49,10 @@ from .sampling import sample_teacher_mixed
 from .scoring import (
     OutputHead,
     check_finite_parameters,
-    check_same_tokenizer,
     check_teacher_mass_past_vocab,
     final_hidden_states,
     left_pad,
+    same_vocabulary,
     shared_vocab_size,
     verify_scoring,
 )
@@ -166,6 +168,10 @@ class ReverseKLDistillTrainer(DistillationTrainer):
     It is a drop-in replacement for `trl.experimental.gkd.GKDTrainer`: the constructor accepts the same arguments and
     datasets (conversational `messages`, or `prompt`/`completion` as `trl.DistillationTrainer`).
 
+    A teacher with another tokenizer is scored across tokenizers (`teacher_processing_class`, docs/cross-tokenizer.md):
+    it reads the student's completions as text, re-tokenised with its own tokenizer and chat template, and its token
+    log-probs are credited to the student's tokens, so the sequence-level reverse KL is the same objective over texts.
+
     Example:
 
     ```python
@@ -181,17 +187,22 @@ class ReverseKLDistillTrainer(DistillationTrainer):
     Args:
         model: the student: a model id or local path, a `PreTrainedModel` or a `PeftModel`.
         teacher_model: the teacher: a model id or local path (loaded with `args.teacher_model_init_kwargs`, e.g. a
-            bitsandbytes `quantization_config`) or a `PreTrainedModel`. Must share the student's tokenizer; vocabulary
-            rows past the tokenizer (embedding padding) may differ.
+            bitsandbytes `quantization_config`) or a `PreTrainedModel`. Shares the student's tokenizer (vocabulary
+            rows past the tokenizer, embedding padding, may differ), or has its own: `teacher_processing_class`.
         args: a `ReverseKLDistillConfig`.
         train_dataset, eval_dataset: prompts, in GKD's `messages` format or DistillationTrainer's `prompt` format.
-        processing_class: the tokenizer shared by both models.
+        processing_class: the student's tokenizer (the teacher's too, unless `teacher_processing_class` is given).
         peft_config: wraps the student in a PEFT adapter (e.g. LoRA).
         quantization_config: quantisation of the student when `model` is a string.
         lm_dataset: optional dataset with a `text` column for the LM loss (`args.lm_loss_weight > 0`); without it the
             LM loss uses the training set's reference completions.
         data_collator, compute_metrics, preprocess_logits_for_metrics, formatting_func: accepted for GKDTrainer
             compatibility; they have no meaning here and warn when given.
+        teacher_processing_class: the teacher's tokenizer when it differs from the student's (a fast tokenizer, with
+            a chat template for conversational data). Not needed for a teacher given as an id or path whose folder
+            holds its tokenizer: that one is loaded. The teacher is then scored across tokenizers, which needs
+            `args.teacher_mix_alpha = 0` and `args.single_step_regularization = False` (both need the teacher's
+            distribution over the student's vocabulary).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "distillation", "minillm", "reverse-kl", "rkd-trl"]
@@ -228,6 +239,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         formatting_func=None,
         quantization_config=None,
         lm_dataset: Dataset | None = None,
+        teacher_processing_class=None,
     ):
         if model is None:
             raise ValueError("`model` (the student) is required: a model id, a local path or a model object.")
@@ -284,9 +296,13 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             raise ValueError("Vision-language models are not supported: give a text-only causal LM student.")
         self._check_distributed_setup(args)
         self._check_tokenizer(train_dataset)
-        if teacher_source is not None:
-            self._check_teacher_tokenizer(teacher_source, args)
-        self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
+        self.teacher_tokenizer = self._teacher_tokenizer_if_different(
+            teacher_processing_class, teacher_source, teacher_model, args
+        )
+        if self.teacher_tokenizer is None:
+            self.vocab_size = shared_vocab_size(self.model, teacher_model, self._tokenizer)
+        else:
+            self._set_up_cross_tokenizer_teacher(teacher_model, train_dataset, args)
         check_quantized_teacher_placement(teacher_model, DistributedBackend(self.accelerator))
         check_4bit_teacher_runs_on_cpu(teacher_model)
         self.teacher_model = self._prepare_teacher(teacher_model)
@@ -408,9 +424,11 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
-            checks = [verify_scoring(model, self.vocab_size, pad_token_id, name, compute_dtype)
-                      for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
-        check_teacher_mass_past_vocab(checks[1], self.vocab_size)
+            teacher_vocab = (self.vocab_size, pad_token_id) if self.teacher_tokenizer is None else self._teacher_vocab
+            checks = [verify_scoring(student, self.vocab_size, pad_token_id, "student", compute_dtype),
+                      verify_scoring(teacher, *teacher_vocab, "teacher", compute_dtype)]  # fmt: skip
+        if self.teacher_tokenizer is None:  # a teacher of another tokenizer is scored over all its rows
+            check_teacher_mass_past_vocab(checks[1], self.vocab_size)
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
@@ -462,16 +480,6 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 "The dataset is conversational but the tokenizer has no chat template: set "
                 "`tokenizer.chat_template`, or give plain-text prompts in a `prompt` column."
             )
-
-    def _check_teacher_tokenizer(self, teacher_source, args):
-        """A teacher loaded from an id or path usually ships its tokenizer: it must be the student's."""
-        try:
-            teacher_tokenizer = AutoTokenizer.from_pretrained(
-                teacher_source, revision=args.teacher_model_revision, trust_remote_code=args.trust_remote_code
-            )
-        except (OSError, ValueError):
-            return  # no tokenizer next to the teacher: the vocabulary-size check below still applies
-        check_same_tokenizer(self._tokenizer, teacher_tokenizer)
 
     def _prompt_length_limit(self) -> tuple[int | None, str]:
         """Longest prompt allowed: `max_length` (if set) and the models' position range, minus the completion."""
@@ -583,7 +591,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         with self._models_for_rollout() as (student, teacher):
             rollout = sample_teacher_mixed(
                 student,
-                teacher,
+                teacher if self.teacher_tokenizer is None else None,  # a teacher of another tokenizer scores text
                 prompt_ids,
                 prompt_mask,
                 vocab_size=self.vocab_size,
@@ -596,12 +604,17 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 top_p=self.top_p,
                 drop_ended_rows=self._drop_ended_rows,
             )
+            scored_mask, teacher_token_counts = rollout.completion_mask, None
+            if self.teacher_tokenizer is not None:
+                rollout, scored_mask, teacher_token_counts = self._score_across_tokenizers(
+                    mode, teacher, inputs, rollout
+                )
 
         mask = rollout.completion_mask
         advantages, _ = advantages_from_rollout(
             rollout.teacher_logprobs,
             rollout.student_logprobs,
-            mask,
+            scored_mask,
             gamma=self.args.gamma,
             include_current=not self.args.single_step_regularization,
             length_normalized=self.args.length_normalization,
@@ -609,6 +622,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             reward_scaling=self.args.reward_scaling,
             reward_clip=self.args.reward_clip,
             sum_over_processes=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
+            teacher_token_counts=teacher_token_counts,
         )
         weights = importance_weights(
             rollout.student_logprobs, rollout.sampling_logprobs, mask, self.args.importance_weight_max
@@ -621,9 +635,10 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             "old_logprobs": rollout.student_logprobs,
             "advantages": advantages,
             "importance_weights": weights,
-            "teacher_hidden": rollout.teacher_hidden,
             "num_items_in_batch": self.accelerator.gather(mask.sum()).sum(),
         }
+        if rollout.teacher_hidden is not None:
+            batch["teacher_hidden"] = rollout.teacher_hidden
         if self.args.lm_loss_weight > 0 and mode == "train":
             batch.update(self._lm_batch(inputs))
         self._log_rollout(mode, rollout, weights, prompt_ids, prompt_mask)
@@ -713,6 +728,111 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             self._logs["prompt"].extend(gather_object(prompts))
             self._logs["completion"].extend(gather_object(completions))
 
+    # ------------------------------------------------------------------ teachers with another tokenizer
+
+    def _teacher_tokenizer_if_different(self, teacher_processing_class, teacher_source, teacher, args):
+        """The teacher's tokenizer when it differs from the student's, else None (one shared vocabulary).
+
+        It is `teacher_processing_class`, or the tokenizer saved where the teacher was loaded from (the id or path it
+        was given as, or the local folder a teacher object was loaded from). With none, the teacher is taken to share
+        the student's tokenizer, and `shared_vocab_size` rejects it if its vocabulary does not cover that tokenizer.
+        """
+        teacher_tokenizer = teacher_processing_class
+        if teacher_tokenizer is None and teacher_source is None:
+            folder = getattr(teacher.config, "_name_or_path", "")
+            teacher_source = folder if folder and os.path.isdir(folder) else None
+        if teacher_tokenizer is None and teacher_source is not None:
+            try:
+                teacher_tokenizer = AutoTokenizer.from_pretrained(
+                    teacher_source, revision=args.teacher_model_revision, trust_remote_code=args.trust_remote_code
+                )
+            except (OSError, ValueError):
+                return None  # no tokenizer next to the teacher: the vocabulary-size check applies
+        if teacher_tokenizer is None or same_vocabulary(self._tokenizer, teacher_tokenizer):
+            return None
+        return getattr(teacher_tokenizer, "tokenizer", teacher_tokenizer)  # a processor's text tokenizer
+
+    def _set_up_cross_tokenizer_teacher(self, teacher, train_dataset, args):
+        """Checks and settings of cross-tokenizer scoring (`crosstokenizer`): the algorithm's parts that need the
+        teacher's distribution over the student's vocabulary are off, the teacher tokenizer gives the words of its
+        encodings, and its end of turn holds its EOS."""
+        asked = [f"{name}={value}" for name, value, off in (
+            ("teacher_mix_alpha", args.teacher_mix_alpha, 0.0),
+            ("single_step_regularization", args.single_step_regularization, False),
+        ) if value != off]  # fmt: skip
+        if asked:
+            raise ValueError(
+                "The teacher's tokenizer differs from the student's, so the teacher is scored across tokenizers "
+                "(cross-tokenizer scoring, docs/cross-tokenizer.md): it gives the log-probability of the text the "
+                "student wrote, not a distribution over the student's vocabulary. Teacher-mixed sampling and the "
+                f"single-step term need that distribution, and this config asks for them ({', '.join(asked)}): set "
+                "teacher_mix_alpha=0.0 and single_step_regularization=False."
+            )
+        tokenizer = self.teacher_tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"The teacher's tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: cross-tokenizer "
+                "scoring needs the words (pre-tokens) of its encodings. Load it with AutoTokenizer (use_fast=True)."
+            )
+        eos_token_ids = self._teacher_eos_token_ids = teacher_eos_token_ids(teacher, tokenizer)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_ids[0]
+        self._teacher_vocab = (teacher.config.get_text_config().vocab_size, pad_token_id)
+        if len(tokenizer) > self._teacher_vocab[0]:
+            raise ValueError(
+                f"The teacher has {self._teacher_vocab[0]} vocabulary rows but its tokenizer {len(tokenizer)} tokens: "
+                "they do not belong together. Give the teacher's own tokenizer as `teacher_processing_class`."
+            )
+        self.vocab_size = self.model.config.get_text_config().vocab_size
+        if len(self._tokenizer) > self.vocab_size:
+            raise ValueError(
+                f"The student has {self.vocab_size} vocabulary rows but its tokenizer {len(self._tokenizer)} tokens: "
+                "they do not belong together. Give the student's own tokenizer as `processing_class`."
+            )
+        self._warned_unscored = False
+        if isinstance(train_dataset, Dataset) and len(train_dataset) > 0:
+            teacher_turn_end_ids(tokenizer, train_dataset[0]["prompt"], eos_token_ids)  # raises if it has no EOS
+        logger.info("The teacher's tokenizer differs from the student's: the teacher is scored across tokenizers.")
+
+    def _score_across_tokenizers(self, mode, teacher, inputs, rollout):
+        """The teacher's log-probs of the sampled texts, credited to the student's tokens (one teacher forward).
+
+        Returns the rollout with those scores, the mask of the tokens whose rewards count (a completion whose text the
+        teacher cannot score faithfully, `crosstokenizer.align_completion`, gets no reward and no advantage) and the
+        number of teacher tokens credited to each student token (the teacher's length normalisation).
+        """
+        scores = score_across_tokenizers(
+            teacher,
+            self.teacher_tokenizer,
+            self._tokenizer,
+            [example["prompt"] for example in inputs],
+            rollout.completion_ids,
+            rollout.completion_mask,
+            eos_token_ids=self.eos_token_ids,
+            teacher_eos_token_ids=self._teacher_eos_token_ids,
+            vocab_size=self._teacher_vocab[0],
+            temperature=self.temperature,
+        )
+        scored = scores.scored[:, None]
+        # Unscored rows count as zero divergence in the logged rewards; `crosstok/unscored_fraction` counts them.
+        teacher_logprobs = torch.where(scored, scores.teacher_logprobs, rollout.student_logprobs)
+        rollout = dataclasses.replace(rollout, teacher_logprobs=teacher_logprobs)
+        problems = [problem for problem in scores.problems if problem is not None]
+        if problems and not self._warned_unscored:
+            self._warned_unscored = True
+            logger.warning(
+                f"A sampled completion cannot be scored by the teacher and gets no reward ({problems[0]}). The share "
+                "of such completions is logged as crosstok/unscored_fraction (docs/cross-tokenizer.md)."
+            )
+        gather = self.accelerator.gather
+        student_tokens = gather(rollout.completion_mask.sum()).sum().clamp(min=1)
+        metrics = self._metrics[mode]
+        metrics["crosstok/unscored_fraction"].append(gather((~scores.scored).float()).mean().item())
+        metrics["crosstok/unstable_fraction"].append(gather((~scores.stable).float()).mean().item())
+        metrics["crosstok/teacher_tokens_per_student_token"].append(
+            (gather(scores.teacher_tokens.sum()).sum() / student_tokens).item()
+        )
+        return rollout, rollout.completion_mask * scored, scores.credited_tokens
+
     # ------------------------------------------------------------------ loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -737,10 +857,13 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             num_items_in_batch = num_tokens.clamp(min=1)
         hidden = self._completion_hidden_states(unwrapped_student, inputs)
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with self._output_head(unwrapped_student) as student_head, self._output_head(teacher) as teacher_head:
+        # Without a shared vocabulary (a teacher of another tokenizer) the teacher is in the advantages only.
+        shared_vocabulary = "teacher_hidden" in inputs
+        teacher_head_block = self._output_head(teacher) if shared_vocabulary else nullcontext()
+        with self._output_head(unwrapped_student) as student_head, teacher_head_block as teacher_head:
             sums = minillm_loss_sums(
                 hidden[completion_mask],
-                inputs["teacher_hidden"][completion_mask],
+                inputs["teacher_hidden"][completion_mask] if shared_vocabulary else None,
                 student_head,
                 teacher_head,
                 inputs["completion_ids"][completion_mask],
