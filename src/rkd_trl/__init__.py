@@ -5,13 +5,14 @@ from typing import TYPE_CHECKING
 
 # The public classes load on first use, so that `import rkd_trl` (and `rkd-trl --help`) imports neither trl nor
 # transformers, nor the optional libraries they pull in (bitsandbytes through peft, trackers, deepspeed).
-_MODULE_OF = {"ReverseKLDistillConfig": ".config", "ReverseKLDistillTrainer": ".trainer"}
+_MODULE_OF = {"ReverseKLDistillConfig": ".config", "ReverseKLDistillTrainer": ".trainer", "DegenerationGuard": ".guard"}
 
-__all__ = ["ReverseKLDistillConfig", "ReverseKLDistillTrainer"]
+__all__ = ["ReverseKLDistillConfig", "ReverseKLDistillTrainer", "DegenerationGuard"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .config import ReverseKLDistillConfig
+    from .guard import DegenerationGuard
     from .trainer import ReverseKLDistillTrainer
 
 

@@ -42,6 +42,7 @@ from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids, teacher_turn_end_ids
 from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
+from .guard import DegenerationGuard
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .metrics import repeated_ngram_share
 from .model_card import hub_repo_id, model_reference, origin_sentence
@@ -294,6 +295,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         )
         if self._is_vlm:
             raise ValueError("Vision-language models are not supported: give a text-only causal LM student.")
+        if not any(isinstance(callback, DegenerationGuard) for callback in self.callback_handler.callbacks):
+            self.add_callback(DegenerationGuard())  # warns when the rollouts start to loop or stop ending
         self._check_distributed_setup(args)
         self._check_tokenizer(train_dataset)
         self.teacher_tokenizer = self._teacher_tokenizer_if_different(

@@ -1,0 +1,51 @@
+"""The degeneration warning: silent on a healthy run, once per signal when repetition or truncation of the rollouts
+rises past its threshold for consecutive logs, and on by default in the trainer."""
+
+import logging
+
+from transformers import TrainerControl, TrainerState
+
+from rkd_trl import DegenerationGuard, ReverseKLDistillTrainer
+
+
+def feed(guard, series, caplog, key="completions/repeated_4grams"):
+    state = TrainerState()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rkd_trl.guard"):
+        for step, value in enumerate(series, start=1):
+            state.global_step = step
+            guard.on_log(None, state, TrainerControl(), logs={key: value, "loss": 1.0})
+    return [record.getMessage() for record in caplog.records if record.name == "rkd_trl.guard"]
+
+
+def test_a_run_that_keeps_its_repetition_level_is_not_warned(caplog):
+    assert feed(DegenerationGuard(), [0.05, 0.12, 0.08, 0.14, 0.1], caplog) == []  # noisy, never 0.10 above 0.05
+
+
+def test_one_spike_is_not_a_trend(caplog):
+    assert feed(DegenerationGuard(), [0.02, 0.3, 0.03, 0.25, 0.04], caplog) == []
+
+
+def test_rising_repetition_warns_once_with_the_figures(caplog):
+    messages = feed(DegenerationGuard(), [0.02, 0.05, 0.15, 0.31, 0.5, 0.7], caplog)
+    assert len(messages) == 1
+    assert messages[0].startswith("step 4: repeated 4-grams in the rollouts rose from 0.02 at the start to 0.31")
+    assert "lm_loss_weight" in messages[0]
+
+
+def test_truncation_has_its_own_signal_and_threshold(caplog):
+    guard = DegenerationGuard()
+    key = "completions/clipped_ratio"
+    assert feed(guard, [0.3, 0.5, 0.55, 0.5], caplog, key) == []  # +0.25: below the 0.30 rise
+    messages = feed(DegenerationGuard(threshold_logs=1), [0.3, 0.65], caplog, key)
+    assert len(messages) == 1 and "cut off at max_completion_length" in messages[0]
+
+
+def test_the_trainer_adds_the_guard_once(make_config, make_student, teacher, tokenizer, task):
+    def guards(**kwargs):
+        trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=make_config(),
+                                          train_dataset=task.prompt_dataset(), processing_class=tokenizer, **kwargs)  # fmt: skip
+        return [c for c in trainer.callback_handler.callbacks if isinstance(c, DegenerationGuard)]
+
+    assert len(guards()) == 1
+    assert [guard.threshold_logs for guard in guards(callbacks=[DegenerationGuard(threshold_logs=5)])] == [5]
