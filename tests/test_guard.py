@@ -49,3 +49,32 @@ def test_the_trainer_adds_the_guard_once(make_config, make_student, teacher, tok
 
     assert len(guards()) == 1
     assert [guard.threshold_logs for guard in guards(callbacks=[DegenerationGuard(threshold_logs=5)])] == [5]
+
+
+def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_student, teacher, tokenizer, task):
+    """The probe's figures are those of the student's own greedy decoding (transformers' `generate`), logged at
+    logging steps."""
+    from rkd_trl.metrics import chat_prompt_batch, repeated_ngram_share
+
+    student = make_student(seed=5)
+    args = make_config(logging_steps=2, max_steps=3, learning_rate=0.0, max_new_tokens=12)
+    trainer = ReverseKLDistillTrainer(model=student, teacher_model=teacher, args=args,
+                                      train_dataset=task.prompt_dataset(), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logged = [entry["step"] for entry in trainer.state.log_history if "completions/greedy_repeated_4grams" in entry]
+    assert logged == [2]  # logging steps only (step 2 of 3)
+
+    prompts = [row["prompt"] for row in task.prompt_dataset()][:6]
+    ids, mask = chat_prompt_batch(tokenizer, prompts)
+    trainer._metrics["train"].clear()
+    trainer._log_greedy_probe(student.eval(), ids, mask)
+    out = student.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, ids.size(1):]
+    rows = []
+    for row in out.tolist():
+        rows.append(row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row)
+    cut_off = sum(tokenizer.eos_token_id not in row for row in rows) / len(rows)
+    repetition = sum(repeated_ngram_share([row], 4) for row in rows) / len(rows)
+    metrics = trainer._metrics["train"]
+    assert metrics["completions/greedy_clipped_ratio"] == [cut_off]
+    assert abs(metrics["completions/greedy_repeated_4grams"][0] - repetition) < 1e-6

@@ -148,6 +148,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         default=0.0,
         metadata={"help": "Weight of the LM loss on reference completions or on `lm_dataset`. 0 = off."},
     )
+    greedy_probe: bool = field(
+        default=True,
+        metadata={"help": "At each logging step, decode the step's prompts greedily (student alone) and log "
+                  "completions/greedy_repeated_4grams and completions/greedy_clipped_ratio (DegenerationGuard)."},
+    )
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}
     )

@@ -17,6 +17,8 @@ logger = logging.get_logger(__name__)
 SIGNALS = {  # logged key: (what it means, absolute rise over the start that triggers the warning)
     "completions/repeated_4grams": ("repeated 4-grams in the rollouts", 0.10),
     "completions/clipped_ratio": ("rollouts cut off at max_completion_length (no EOS)", 0.30),
+    "completions/greedy_repeated_4grams": ("repeated 4-grams in the student's greedy answers", 0.10),
+    "completions/greedy_clipped_ratio": ("greedy answers cut off at max_completion_length (no EOS)", 0.30),
 }
 ADVICE = (
     "The student may be degenerating (reverse-KL reward hacking: loops the teacher finds likely score well). Check "

@@ -8,6 +8,7 @@ the algorithm:
 """
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -607,6 +608,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 top_p=self.top_p,
                 drop_ended_rows=self._drop_ended_rows,
             )
+            if mode == "train" and self.args.greedy_probe and self._greedy_probe_due():
+                self._log_greedy_probe(student, prompt_ids, prompt_mask)
             scored_mask, teacher_token_counts = rollout.completion_mask, None
             if self.teacher_tokenizer is not None:
                 rollout, scored_mask, teacher_token_counts = self._score_across_tokenizers(
@@ -695,6 +698,34 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             for start in range(0, len(shard) - batch_size + 1, batch_size):
                 yield shard[start : start + batch_size]["text"]
             epoch += 1
+
+    def _greedy_probe_due(self) -> bool:
+        """Whether one of the optimizer steps this rollout trains (`ppo_epochs` of them) will be logged, so that the
+        greedy probe's figures land in that log."""
+        steps = self.args.logging_steps
+        if steps < 1:  # a fraction of max_steps, as transformers reads it
+            steps = max(1, math.ceil(self.state.max_steps * steps))
+        step = self.state.global_step
+        return any((step + i) % int(steps) == 0 for i in range(1, self.args.ppo_epochs + 1))
+
+    @torch.no_grad()
+    def _log_greedy_probe(self, student, prompt_ids, prompt_mask):
+        """Greedy answers of the student alone to this rollout's prompts: their repeated 4-grams and the share cut off
+        at `max_completion_length`. A student that starts to loop does so in its most likely answer (what greedy
+        decoding and low temperatures return) before its samples at temperature 1 show it."""
+        greedy = sample_teacher_mixed(
+            student, None, prompt_ids, prompt_mask, vocab_size=self.vocab_size,
+            max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
+            pad_token_id=self._tokenizer.pad_token_id, top_k=1, drop_ended_rows=self._drop_ended_rows,
+        )  # fmt: skip
+        mask = greedy.completion_mask.bool()
+        ended = (torch.isin(greedy.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask).any(1)
+        repetition = torch.tensor([repeated_ngram_share([row[valid].tolist()], 4)
+                                   for row, valid in zip(greedy.completion_ids, mask)], device=mask.device)  # fmt: skip
+        gather = self.accelerator.gather
+        metrics = self._metrics["train"]
+        metrics["completions/greedy_repeated_4grams"].append(gather(repetition).mean().item())
+        metrics["completions/greedy_clipped_ratio"].append(gather((~ended).float()).mean().item())
 
     def _log_rollout(self, mode, rollout, weights, prompt_ids, prompt_mask):
         gather = self.accelerator.gather
