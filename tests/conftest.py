@@ -89,6 +89,7 @@ def make_config(tmp_path):
             save_strategy="no",
             seed=0,
             dataloader_num_workers=0,
+            lm_loss_weight=0.0,  # tests that want the LM loss, or its default, say so
         )
         settings.update(overrides)
         return ReverseKLDistillConfig(**settings)

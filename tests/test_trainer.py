@@ -181,6 +181,26 @@ def test_lm_loss_on_reference_completions_and_on_lm_dataset(make_config, make_st
     assert any("loss/lm" in entry for entry in trainer.state.log_history)
 
 
+def test_lm_loss_is_on_by_default_when_there_is_text_to_model(make_config, make_student, teacher, tokenizer, task):
+    """lm_loss_weight=None: 1.0 with reference completions (GKD's `messages`, or `lm_dataset`), off with a warning
+    that says what to do for prompts alone; an explicit 0.0 is off and silent."""
+    import warnings
+
+    trainer = build(make_config, make_student(), teacher, tokenizer, task.conversations(), lm_loss_weight=None)
+    assert trainer.args.lm_loss_weight == 1.0
+    text = Dataset.from_dict({"text": ["q1 -> a b c </s>"] * 16})
+    trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=make_config(lm_loss_weight=None),
+                                      train_dataset=task.prompt_dataset(), processing_class=tokenizer, lm_dataset=text)
+    assert trainer.args.lm_loss_weight == 1.0
+    with pytest.warns(UserWarning, match="no text for the LM loss.*lm_loss_weight=0.0 to silence"):
+        trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset(), lm_loss_weight=None)
+    assert trainer.args.lm_loss_weight == 0.0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no text for the LM loss.*")
+        assert build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset()).args.lm_loss_weight == 0
+    assert ReverseKLDistillConfig(output_dir="unused", use_cpu=True).lm_loss_weight is None  # the default
+
+
 def test_teacher_with_padded_vocabulary_rows_is_aligned(make_config, make_student, teacher, tokenizer, task):
     student = make_student(padded_vocab_rows=7)
     trainer = build(make_config, student, teacher, tokenizer, task.prompt_dataset())

@@ -50,10 +50,12 @@ class ReverseKLDistillConfig(DistillationConfig):
         importance_weight_max (`float` or `None`, *optional*, defaults to `None`):
             Upper bound on the per-token importance weight `w_t = q/p̃`. `None` (reference) relies on the PPO clip
             alone. Note `w_t ≤ 1/(1-α)` always holds, so this only matters below that bound.
-        lm_loss_weight (`float`, *optional*, defaults to `0.0`):
+        lm_loss_weight (`float` or `None`, *optional*, defaults to `None`):
             Weight of a language-modelling (cross-entropy) loss added to the distillation loss. It is computed on the
             dataset's reference completions, or on `lm_dataset` when one is given to the trainer (the paper's
-            pre-training loss `L_PT`). `0.0` disables it.
+            pre-training loss `L_PT`). `None`: 1.0 when the trainer has such text, else off with a warning (on real
+            models the on-policy reverse KL alone drives students into repetition loops, docs/benchmarks.md).
+            `0.0` disables it.
         loss_chunk_size (`int`, *optional*, defaults to `1024`):
             Number of completion tokens whose vocabulary logits are materialised at once in the loss. Bounds loss
             memory to `loss_chunk_size × vocab_size` floats; the result does not depend on it.
@@ -144,9 +146,10 @@ class ReverseKLDistillConfig(DistillationConfig):
     importance_weight_max: float | None = field(
         default=None, metadata={"help": "Upper bound on importance weights q/p̃. None = PPO clip only (reference)."}
     )
-    lm_loss_weight: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the LM loss on reference completions or on `lm_dataset`. 0 = off."},
+    lm_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the LM loss on reference completions or on `lm_dataset`. None = 1.0 when "
+                  "there is such text, else off (with a warning). 0 = off."},
     )
     greedy_probe: bool = field(
         default=True,
@@ -223,7 +226,10 @@ class ReverseKLDistillConfig(DistillationConfig):
                 self.importance_weight_max is None or self.importance_weight_max > 0,
                 f"importance_weight_max must be > 0 or None, got {self.importance_weight_max}.",
             ),
-            (self.lm_loss_weight >= 0, f"lm_loss_weight must be >= 0, got {self.lm_loss_weight}."),
+            (
+                self.lm_loss_weight is None or self.lm_loss_weight >= 0,
+                f"lm_loss_weight must be >= 0 or None, got {self.lm_loss_weight}.",
+            ),
             (self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}."),
             (
                 self.max_consecutive_nonfinite_steps >= 0,

@@ -275,6 +275,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             raise ValueError("ppo_epochs > 1 needs a map-style train_dataset (rollout reuse repeats batches by index).")
         train_dataset = to_prompt_completion(train_dataset, "train_dataset")
         eval_dataset = to_prompt_completion(eval_dataset, "eval_dataset")
+        if args.lm_loss_weight is None:
+            args.lm_loss_weight = self._default_lm_loss_weight(train_dataset, lm_dataset)
         if args.lm_loss_weight > 0 and lm_dataset is None:
             self._require_completions(train_dataset)
         if lm_dataset is not None and "text" not in (lm_dataset.column_names or []):
@@ -454,6 +456,25 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 "parameters layer by layer at every token, and processes whose completions end at different steps "
                 "would wait for each other forever. Keep ds3_gather_for_generation=True (the default)."
             )
+
+    @staticmethod
+    def _default_lm_loss_weight(train_dataset, lm_dataset) -> float:
+        """`lm_loss_weight=None`: 1.0 when there is text to model (reference completions or `lm_dataset`), else 0.0
+        with a warning. Measured on a real model (docs/benchmarks.md), the on-policy reverse KL alone lowers the
+        teacher-scored KL while the student's greedy answers fall into repetition loops; the LM loss on the
+        teacher's (or any reference) answers holds them back."""
+        columns = getattr(train_dataset, "column_names", None) or []
+        if lm_dataset is not None or "completion" in columns:
+            return 1.0
+        warnings.warn(
+            "lm_loss_weight=None (the default) and no text for the LM loss: train_dataset has no reference "
+            "completions and no `lm_dataset` was given, so the student is trained on the reverse KL alone. On real "
+            "models that tends to end in repetition loops (docs/benchmarks.md). Give the teacher's answers as "
+            "completions (or `lm_dataset=`), or set lm_loss_weight=0.0 to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return 0.0
 
     @staticmethod
     def _require_completions(dataset):
