@@ -93,3 +93,11 @@ def test_a_pruned_smollm2_student_distils_from_the_real_teacher(tmp_path):
     moved = [name for name, value in student.state_dict().items() if not torch.equal(value, before[name])]
     assert "model.embed_tokens.weight" in moved and "model.layers.1.mlp.up_proj.weight" in moved
     assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+def test_sft_on_answers_that_never_ended_is_refused(tmp_path):
+    from rkd_trl.instructions import Answers, sft_student
+
+    cut_off = Answers(texts=["a b c"], token_ids=[[1, 2, 3]], ended=[False])
+    with pytest.raises(ValueError, match="None of the answers ended.*larger max_new_tokens"):
+        sft_student(None, None, ["prompt"], [cut_off], tmp_path)

@@ -150,6 +150,11 @@ def sft_student(student, tokenizer, prompts: list[str], answers: list[Answers], 
         for prompt, text, ended in zip(prompts, source.texts, source.ended, strict=True)
         if ended
     ]
+    if not rows:
+        raise ValueError(
+            "None of the answers ended (EOS) within their token budget, so there is nothing to fine-tune on: generate "
+            "them with a larger max_new_tokens."
+        )
     dataset = Dataset.from_dict(
         {
             "prompt": user_turns([prompt for prompt, _ in rows]),
