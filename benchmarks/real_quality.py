@@ -115,7 +115,7 @@ class Benchmark:
 
         self.settings = settings
         self.work_dir = work_dir
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         self.teacher, self.tokenizer = load_smollm2()
         self.train_prompts = load_instructions("train")[: settings.train_prompts]
         self.eval_prompts = load_instructions(settings.eval_split)[: settings.eval_prompts]

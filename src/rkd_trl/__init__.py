@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 # transformers, nor the optional libraries they pull in (bitsandbytes through peft, trackers, deepspeed).
 _MODULE_OF = {"ReverseKLDistillConfig": ".config", "ReverseKLDistillTrainer": ".trainer", "DegenerationGuard": ".guard"}
 
-__all__ = ["ReverseKLDistillConfig", "ReverseKLDistillTrainer", "DegenerationGuard"]
+__all__ = ["DegenerationGuard", "ReverseKLDistillConfig", "ReverseKLDistillTrainer"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:

@@ -249,6 +249,18 @@ def pad_right(token_lists: list[list[int]], value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def greedy_answer_scores(greedy, teacher_answers: list[str]) -> dict:
+    """Rouge-L (× 100) of greedy `Answers` against the teacher's answers, their repeated 4-grams and distinct-2, the
+    share that ended with EOS and their mean length in tokens."""
+    return {
+        "rouge_l": 100.0 * rouge_l(greedy.texts, [[answer] for answer in teacher_answers]),
+        "repeated_4grams": repeated_ngram_share(greedy.token_ids, 4),
+        "distinct_2": distinct_n(greedy.texts, 2),
+        "eos_rate": sum(greedy.ended) / len(greedy.ended),
+        "length": sum(len(tokens) for tokens in greedy.token_ids) / len(greedy.token_ids),
+    }
+
+
 def answer_quality(student, teacher, tokenizer, prompts, teacher_answers, max_new_tokens, samples_per_prompt=2, seed=0):
     """What a person sees of a student's answers to real prompts, next to the KL it was trained on.
 
@@ -270,11 +282,7 @@ def answer_quality(student, teacher, tokenizer, prompts, teacher_answers, max_ne
     eos = torch.tensor([tokenizer.eos_token_id], device=rollout.completion_ids.device)
     sample_ended = (torch.isin(rollout.completion_ids, eos) & rollout.completion_mask.bool()).any(1).float()
     return {
-        "rouge_l": 100.0 * rouge_l(greedy.texts, [[answer] for answer in teacher_answers]),
-        "repeated_4grams": repeated_ngram_share(greedy.token_ids, 4),
-        "distinct_2": distinct_n(greedy.texts, 2),
-        "eos_rate": sum(greedy.ended) / len(greedy.ended),
-        "length": answer_tokens / len(prompts),
+        **greedy_answer_scores(greedy, teacher_answers),
         "teacher_nll": -sum(sum(row) for row in teacher_logprobs) / max(answer_tokens, 1),
         "reverse_kl_per_token": (log_ratio.sum() / sample_lengths.sum()).item(),
         "reverse_kl_per_sequence": log_ratio.mean().item(),
@@ -358,13 +366,8 @@ def _cross_tokenizer_answer_quality(
         eos = torch.tensor(eos_token_ids, device=device)
         ended.append((torch.isin(rollout.completion_ids, eos) & rollout.completion_mask.bool()).any(1).float())
     log_ratio, length, character = torch.cat(log_ratios), torch.cat(lengths), torch.cat(characters)
-    answer_tokens = sum(len(tokens) for tokens in greedy.token_ids)
     return {
-        "rouge_l": 100.0 * rouge_l(greedy.texts, [[answer] for answer in teacher_answers]),
-        "repeated_4grams": repeated_ngram_share(greedy.token_ids, 4),
-        "distinct_2": distinct_n(greedy.texts, 2),
-        "eos_rate": sum(greedy.ended) / len(greedy.ended),
-        "length": answer_tokens / len(prompts),
+        **greedy_answer_scores(greedy, teacher_answers),
         "length_characters": greedy_characters / len(prompts),
         "teacher_nll_per_character": -greedy_teacher_logprob / max(greedy_characters, 1),
         "reverse_kl_per_sequence": log_ratio.mean().item(),

@@ -42,7 +42,7 @@ from trl.trainer.utils import (
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
 from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids, teacher_turn_end_ids
-from .fsdp import fsdp_modules, forget_forwards, gathered, modules_holding, shard_teacher, unshard_before_backward
+from .fsdp import forget_forwards, fsdp_modules, gathered, modules_holding, shard_teacher, unshard_before_backward
 from .guard import DegenerationGuard
 from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
 from .metrics import repeated_ngram_share
