@@ -62,6 +62,8 @@ def record_rollouts(records):
     generate = ReverseKLDistillTrainer._generate_and_score_completions
 
     def sample_and_record(student, teacher, *args, **kwargs):
+        if teacher is None:  # the greedy probe (student alone, inside the same gathered rollout): not a rollout
+            return sample(student, teacher, *args, **kwargs)
         before = all_gathers["count"]
         rollout = sample(student, teacher, *args, **kwargs)
         records.append({
