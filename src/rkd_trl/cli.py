@@ -372,7 +372,7 @@ def main(argv=None):
         "--sft-steps",
         type=int,
         default=None,
-        help="SFT steps that initialise the student (default: 60 real, 600 short, 800 chain)",
+        help="SFT steps that initialise the student (default: 80 real, 600 short, 800 chain)",
     )
     demo.add_argument("--learning-rate", type=float, default=None, help="default: 1e-5 real, 3e-3 synthetic")
     demo.add_argument(

@@ -36,9 +36,9 @@ class DemoSettings:
 # distilled with the trainer's defaults. Sizes chosen to finish in about 10 minutes on 2 CPU cores.
 REAL = {
     "layers": [0, 1, 2, 3, 4, 5, 6, 27, 28, 29],
-    "train_prompts": 120,
-    "answer_tokens": 80,
-    "sft_steps": 60,
+    "train_prompts": 240,
+    "answer_tokens": 96,
+    "sft_steps": 80,
     "sft_learning_rate": 3e-4,
     "steps": 20,
     "learning_rate": 1e-5,
@@ -253,11 +253,13 @@ def plot_real(rows: dict[str, dict], log_history: list[dict], path: Path):
     curve_axis.plot([e["step"] for e in logged], [e["minillm/reverse_kl"] for e in logged], marker="o", label="reverse KL")
     curve_axis.set_xlabel("optimizer step")
     curve_axis.set_ylabel("reverse KL on training rollouts (nats)")
-    if any("completions/repeated_4grams" in e for e in logged):
+    # Repetition shows in the student's greedy answers (the trainer's greedy probe) before its samples loop.
+    probed = [e for e in log_history if "completions/greedy_repeated_4grams" in e]
+    if probed:
         share = curve_axis.twinx()
-        share.plot([e["step"] for e in logged], [e.get("completions/repeated_4grams", 0.0) for e in logged],
-                   color="tab:red", marker="x", label="repeated 4-grams")  # fmt: skip
-        share.set_ylabel("repeated 4-grams in rollouts", color="tab:red")
+        share.plot([e["step"] for e in probed], [e["completions/greedy_repeated_4grams"] for e in probed],
+                   color="tab:red", marker="x")  # fmt: skip
+        share.set_ylabel("repeated 4-grams, greedy answers", color="tab:red")
         share.set_ylim(0, 1)
     curve_axis.set_title("distillation")
     figure.tight_layout()
