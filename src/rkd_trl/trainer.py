@@ -739,14 +739,19 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
             pad_token_id=self._tokenizer.pad_token_id, top_k=1, drop_ended_rows=self._drop_ended_rows,
         )  # fmt: skip
-        mask = greedy.completion_mask.bool()
-        ended = (torch.isin(greedy.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask).any(1)
-        repetition = torch.tensor([repeated_ngram_share([row[valid].tolist()], 4)
-                                   for row, valid in zip(greedy.completion_ids, mask)], device=mask.device)  # fmt: skip
-        gather = self.accelerator.gather
+        repetition, truncated = self._repetition_and_truncation(greedy)
         metrics = self._metrics["train"]
-        metrics["completions/greedy_repeated_4grams"].append(gather(repetition).mean().item())
-        metrics["completions/greedy_clipped_ratio"].append(gather((~ended).float()).mean().item())
+        metrics["completions/greedy_repeated_4grams"].append(repetition.mean().item())
+        metrics["completions/greedy_clipped_ratio"].append(truncated.mean().item())
+
+    def _repetition_and_truncation(self, rollout):
+        """Per completion, over every process: its share of repeated 4-grams, and 1.0 where it has no EOS (cut off at
+        `max_completion_length`)."""
+        mask = rollout.completion_mask.bool()
+        ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
+        repetition = torch.tensor([repeated_ngram_share([row[valid].tolist()], 4)
+                                   for row, valid in zip(rollout.completion_ids, mask)], device=mask.device)  # fmt: skip
+        return self.accelerator.gather(repetition), self.accelerator.gather((~ended.any(1)).float())
 
     def _log_rollout(self, mode, rollout, weights, prompt_ids, prompt_mask):
         gather = self.accelerator.gather
@@ -758,10 +763,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         masked_weights = weights * mask
         valid_weights = gather(masked_weights.sum()).sum()
         max_weight = gather(masked_weights.max()).max()
-        ended = torch.isin(rollout.completion_ids, torch.tensor(self.eos_token_ids, device=mask.device)) & mask
-        truncated = gather((~ended.any(1)).float())
-        token_lists = [row[valid].tolist() for row, valid in zip(rollout.completion_ids, mask)]
-        repetition = gather(torch.tensor([repeated_ngram_share([tokens], 4) for tokens in token_lists], device=mask.device))
+        repetition, truncated = self._repetition_and_truncation(rollout)
 
         metrics = self._metrics[mode]
         metrics["minillm/reward_mean"].append(rewards.item())
