@@ -67,6 +67,7 @@ def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_stu
     prompts = [row["prompt"] for row in task.prompt_dataset()][:6]
     ids, mask = chat_prompt_batch(tokenizer, prompts)
     trainer._metrics["train"].clear()
+    trainer._probe_prompts = None  # probe these prompts (the run kept those of its first probe)
     trainer._log_greedy_probe(student.eval(), ids, mask)
     out = student.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, ids.size(1):]
@@ -78,3 +79,25 @@ def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_stu
     metrics = trainer._metrics["train"]
     assert metrics["completions/greedy_clipped_ratio"] == [cut_off]
     assert abs(metrics["completions/greedy_repeated_4grams"][0] - repetition) < 1e-6
+
+
+def test_the_greedy_probe_answers_the_same_prompts_at_every_logging_step(
+    make_config, make_student, teacher, tokenizer, task, monkeypatch
+):
+    """The probe keeps the prompts of its first rollout: a change in its figures is a change in the student, not in
+    the prompts that happened to be drawn."""
+    from rkd_trl import trainer as trainer_module
+
+    probed, rollouts, sample = [], [], trainer_module.sample_teacher_mixed
+
+    def recording(student, teacher_model, prompt_ids, prompt_mask, **kwargs):
+        (probed if kwargs.get("top_k") == 1 else rollouts).append(prompt_ids.tolist())
+        return sample(student, teacher_model, prompt_ids, prompt_mask, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "sample_teacher_mixed", recording)
+    args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2)
+    trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
+                                      train_dataset=task.prompt_dataset(repeats=3), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert len(probed) == 3 and len({str(rollout) for rollout in rollouts}) > 1  # the batches differ
+    assert probed == [rollouts[0]] * 3

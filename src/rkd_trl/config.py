@@ -153,8 +153,9 @@ class ReverseKLDistillConfig(DistillationConfig):
     )
     greedy_probe: bool = field(
         default=True,
-        metadata={"help": "At each logging step, decode the step's prompts greedily (student alone) and log "
-                  "completions/greedy_repeated_4grams and completions/greedy_clipped_ratio (DegenerationGuard)."},
+        metadata={"help": "At each logging step, decode the first logged step's prompts greedily (student alone) "
+                  "and log completions/greedy_repeated_4grams and completions/greedy_clipped_ratio "
+                  "(DegenerationGuard)."},
     )
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}

@@ -731,9 +731,14 @@ class ReverseKLDistillTrainer(DistillationTrainer):
 
     @torch.no_grad()
     def _log_greedy_probe(self, student, prompt_ids, prompt_mask):
-        """Greedy answers of the student alone to this rollout's prompts: their repeated 4-grams and the share cut off
-        at `max_completion_length`. A student that starts to loop does so in its most likely answer (what greedy
-        decoding and low temperatures return) before its samples at temperature 1 show it."""
+        """Greedy answers of the student alone to the prompts of the first probed rollout (kept, on each process, and
+        probed again at every logging step): their repeated 4-grams and the share cut off at `max_completion_length`.
+        A student that starts to loop does so in its most likely answer (what greedy decoding and low temperatures
+        return) before its samples at temperature 1 show it. The same prompts every time make a change in the figures
+        a change in the student, not in the prompts drawn (8 prompts vary a lot)."""
+        if getattr(self, "_probe_prompts", None) is None:
+            self._probe_prompts = (prompt_ids.clone(), prompt_mask.clone())
+        prompt_ids, prompt_mask = self._probe_prompts
         greedy = sample_teacher_mixed(
             student, None, prompt_ids, prompt_mask, vocab_size=self.vocab_size,
             max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
