@@ -55,6 +55,8 @@ STUDY = {
     "α=0.5, no LM loss": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 0.0},
     "α=0.5, LM loss 1": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 1.0},
     "α=0.2, no LM loss, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0, "whiten_advantages": False},
+    "α=0.2, LM loss 1, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "whiten_advantages": False},
+    "α=0.2, LM loss 1, γ=1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "gamma": 1.0},
 }
 VARIANTS = {**ABLATIONS, **STUDY}
 
@@ -227,9 +229,9 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
     """Run every missing (method, lr, seed) of `settings` (those whose method is in `only`, if given), appending each
     to `results_path` as it finishes."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    if results.get("settings") not in (None, asdict(settings)):
+    if not same_grid(results.get("settings"), asdict(settings)):
         raise ValueError(f"{results_path} holds a run with other settings: move it away or use --results.")
-    results.update(settings=asdict(settings), machine=machine())
+    results.update(settings=joined_settings(results.get("settings"), asdict(settings)), machine=machine())
     bench = Benchmark(settings, work_dir)
     for name, model in (("teacher", bench.teacher), ("SFT init", None)):
         if name not in results:
@@ -246,6 +248,19 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
         results_path.write_text(json.dumps(results, indent=1))
         log(f"{method} lr={learning_rate:g} seed={seed}: {summary_line(result)} ({result['train_seconds']:.0f} s)")
     return results
+
+
+def same_grid(old: dict | None, new: dict) -> bool:
+    """Whether results run with settings `old` can be extended by a run with `new`: the same settings, except that the
+    list of methods may differ (methods added later run on the same student, data and steps)."""
+    strip = lambda settings: {key: value for key, value in settings.items() if key != "methods"}  # noqa: E731
+    return old is None or strip(old) == strip(new)
+
+
+def joined_settings(old: dict | None, new: dict) -> dict:
+    """`new`, with the methods of `old` first and those only `new` has after them."""
+    methods = (old or {}).get("methods", [])
+    return new | {"methods": methods + [m for m in new["methods"] if m not in methods]}
 
 
 def machine() -> dict:
@@ -359,11 +374,12 @@ def merge(sources: list[Path], target: Path) -> Path:
     merged = json.loads(target.read_text()) if target.exists() else {}
     for source in sources:
         part = json.loads(source.read_text())
-        if merged.get("settings") not in (None, part["settings"]):
+        if not same_grid(merged.get("settings"), part["settings"]):
             raise ValueError(f"{source} was run with other settings than {target}.")
         runs = merged.setdefault("runs", [])
         done = {(r["method"], r["learning_rate"], r["seed"]) for r in runs}
-        merged.update({key: value for key, value in part.items() if key != "runs"})
+        settings = joined_settings(merged.get("settings"), part["settings"])
+        merged.update({key: value for key, value in part.items() if key != "runs"}, settings=settings)
         runs += [r for r in part["runs"] if (r["method"], r["learning_rate"], r["seed"]) not in done]
     target.write_text(json.dumps(merged, indent=1))
     return target

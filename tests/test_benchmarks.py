@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"
 
@@ -67,13 +69,15 @@ def test_cross_tokenizer_benchmark_smoke_run(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = module.main(["--smoke", "--work-dir", str(tmp_path)])
-    assert list(results["results"]) == ["SFT (start)", "LM loss only", "reverse KL + LM loss"]
-    for arm, figures in results["results"].items():
+    (run,) = results["runs"]
+    assert list(run["results"]) == ["SFT (start)", "LM loss only", "reverse KL + LM loss"]
+    for arm, figures in run["results"].items():
         for key, _ in module.FIGURES:
             assert math.isfinite(figures[key]), (arm, key)
         assert figures["unscored_samples"] == 0
-    assert len(results["training_log"]) == module.SMOKE.steps
-    assert all(entry["crosstok/unscored_fraction"] == 0.0 for entry in results["training_log"])
+    assert len(run["training_log"]) == module.SMOKE.steps
+    assert all(entry["crosstok/unscored_fraction"] == 0.0 for entry in run["training_log"])
+    assert module.table(results).count("\n") == len(module.FIGURES) + 2
 
 
 def test_real_quality_benchmark_smoke_run_and_tables(tmp_path):
@@ -100,3 +104,24 @@ def test_real_quality_benchmark_smoke_run_and_tables(tmp_path):
     # A share run in another file merges in without duplicates.
     real.merge([path, path], tmp_path / "merged.json")
     assert len(json.loads((tmp_path / "merged.json").read_text())["runs"]) == len(real.SMOKE.methods)
+
+
+def test_real_quality_results_take_new_methods_but_no_other_settings(tmp_path):
+    """A study extended by new variants keeps its runs (same student, data and steps); a run with other settings,
+    e.g. more steps, is refused rather than merged into tables it does not belong to."""
+    spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    old = real.asdict(real.STUDY_SETTINGS) | {"methods": ["a", "b"]}
+    new = old | {"methods": ["b", "c"]}
+    assert real.same_grid(old, new) and real.same_grid(None, new)
+    assert real.joined_settings(old, new)["methods"] == ["a", "b", "c"]
+    assert not real.same_grid(old, new | {"steps": old["steps"] + 1})
+    run = {"method": "c", "learning_rate": 5e-5, "seed": 1}
+    (tmp_path / "old.json").write_text(json.dumps({"settings": old, "runs": []}))
+    (tmp_path / "new.json").write_text(json.dumps({"settings": new, "runs": [run]}))
+    merged = json.loads(real.merge([tmp_path / "new.json"], tmp_path / "old.json").read_text())
+    assert merged["settings"]["methods"] == ["a", "b", "c"] and merged["runs"] == [run]
+    (tmp_path / "other.json").write_text(json.dumps({"settings": new | {"steps": 1}, "runs": []}))
+    with pytest.raises(ValueError, match="other settings"):
+        real.merge([tmp_path / "other.json"], tmp_path / "old.json")
