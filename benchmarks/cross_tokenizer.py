@@ -241,8 +241,9 @@ def table(results) -> str:
 def doc_blocks() -> dict[str, str]:
     """Generated block of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
     results = json.loads((REPO / DEFAULT_RESULTS).read_text())
-    settings = {key: results["settings"][key] for key in ("steps", "batch_size", "learning_rate", "lm_loss_weight", "whiten_advantages",
-                                                          "max_new_tokens", "student_vocab_size", "seeds")}
+    keys = ("steps", "batch_size", "learning_rate", "lm_loss_weight", "whiten_advantages", "max_new_tokens",
+            "student_vocab_size", "seeds")  # fmt: skip
+    settings = {key: results["settings"][key] for key in keys}
     return {"cross-tokenizer": table(results) + "\nSettings: `" + json.dumps(settings) + "`.\n"}
 
 
