@@ -101,3 +101,20 @@ def test_the_greedy_probe_answers_the_same_prompts_at_every_logging_step(
     trainer.train()
     assert len(probed) == 3 and len({str(rollout) for rollout in rollouts}) > 1  # the batches differ
     assert probed == [rollouts[0]] * 3
+
+
+def test_the_greedy_probe_leaves_training_as_it_is_without_it(make_config, make_student, teacher, tokenizer, task):
+    """The probe only observes: a run with it ends with the weights of the same run without it."""
+    import torch
+
+    def final_weights(probe):
+        torch.manual_seed(0)
+        args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2,
+                           greedy_probe=probe, learning_rate=1e-2)  # fmt: skip
+        trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
+                                          train_dataset=task.prompt_dataset(repeats=3), processing_class=tokenizer)  # fmt: skip
+        trainer.train()
+        return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+    with_probe, without = final_weights(True), final_weights(False)
+    assert torch.equal(with_probe, without)

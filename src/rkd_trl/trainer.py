@@ -739,11 +739,16 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         if getattr(self, "_probe_prompts", None) is None:
             self._probe_prompts = (prompt_ids.clone(), prompt_mask.clone())
         prompt_ids, prompt_mask = self._probe_prompts
-        greedy = sample_teacher_mixed(
-            student, None, prompt_ids, prompt_mask, vocab_size=self.vocab_size,
-            max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
-            pad_token_id=self._tokenizer.pad_token_id, top_k=1, drop_ended_rows=self._drop_ended_rows,
-        )  # fmt: skip
+        # The sampler draws its random numbers even at top_k=1: on a forked generator, so that the probe leaves the
+        # run's own sampling (and a resumed run, which probes other prompts) as it would be without it.
+        device = prompt_ids.device
+        forked = [device.index or 0] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+            greedy = sample_teacher_mixed(
+                student, None, prompt_ids, prompt_mask, vocab_size=self.vocab_size,
+                max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id, top_k=1, drop_ended_rows=self._drop_ended_rows,
+            )  # fmt: skip
         repetition, truncated = self._repetition_and_truncation(greedy)
         metrics = self._metrics["train"]
         metrics["completions/greedy_repeated_4grams"].append(repetition.mean().item())
