@@ -151,7 +151,8 @@ def build_trainer(method, student, teacher, tokenizer, task, settings, learning_
             train_dataset=task.conversations(),
             processing_class=tokenizer,
         )
-    variant = {"lm_loss_weight": 0.0, **MINILLM_VARIANTS[method]}  # prompts only: the reverse KL alone, as measured
+    # Prompts only: the reverse KL alone; whitened advantages, the default when these tasks were measured.
+    variant = {"lm_loss_weight": 0.0, "whiten_advantages": True, **MINILLM_VARIANTS[method]}
     args = ReverseKLDistillConfig(**common, max_new_tokens=max_new_tokens, **variant)
     return ReverseKLDistillTrainer(
         model=student,

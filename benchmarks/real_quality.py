@@ -12,9 +12,10 @@ and is judged on the 60 held-out `test` instructions, which nothing was tuned on
 
 Methods: ours (ReverseKLDistillTrainer, defaults), GKD (trl.experimental.gkd.GKDTrainer) with token-level reverse KL
 (β = 1, on-policy) and with its default JSD (β = 0.5, λ = 0.5), trl.DistillationTrainer (β = 1, its default), SeqKD
-(SFT continued on the teacher's greedy answers); each over a learning-rate grid and several seeds. Ablations of
-ours (teacher mixing α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, without the LM loss) run at one
-learning rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
+(SFT continued on the teacher's greedy answers); each over a learning-rate grid and several seeds; and ours with the
+defaults before whitening was turned off (`whiten_advantages=True`). Ablations of those whitened defaults (teacher
+mixing α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, without the LM loss) run at one learning
+rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
 
     PYTHONPATH=src python benchmarks/real_quality.py              # the full run (hours on 2 CPU cores)
     PYTHONPATH=src python benchmarks/real_quality.py --smoke      # minutes: the same code on tiny settings
@@ -39,26 +40,28 @@ RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
 STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
+# The defaults before whitening was turned off (the study below): the reference of the ablations, which ran then.
+WHITENED = "ours, whitened (defaults before)"
 ABLATIONS = {
-    "ours α=0": {"teacher_mix_alpha": 0.0},
-    "ours α=0.5": {"teacher_mix_alpha": 0.5},
-    "ours w/o length norm": {"length_normalization": False},
-    "ours γ=1": {"gamma": 1.0},
-    "ours w/o single-step": {"single_step_regularization": False},
-    "ours w/o LM loss": {"lm_loss_weight": 0.0},
+    "ours α=0": {"teacher_mix_alpha": 0.0, "whiten_advantages": True},
+    "ours α=0.5": {"teacher_mix_alpha": 0.5, "whiten_advantages": True},
+    "ours w/o length norm": {"length_normalization": False, "whiten_advantages": True},
+    "ours γ=1": {"gamma": 1.0, "whiten_advantages": True},
+    "ours w/o single-step": {"single_step_regularization": False, "whiten_advantages": True},
+    "ours w/o LM loss": {"lm_loss_weight": 0.0, "whiten_advantages": True},
 }
 # The study behind the defaults (`--study`): on the `dev` prompts, at the learning rate where the student degenerated.
 # Every variant spells out what it changes, so the rows keep their meaning whatever the defaults are.
 STUDY = {
-    "α=0.2, no LM loss (defaults before)": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0},
-    "α=0.2, LM loss 1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0},
-    "α=0.5, no LM loss": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 0.0},
-    "α=0.5, LM loss 1": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 1.0},
+    "α=0.2, no LM loss (defaults before)": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0, "whiten_advantages": True},
+    "α=0.2, LM loss 1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "whiten_advantages": True},
+    "α=0.5, no LM loss": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 0.0, "whiten_advantages": True},
+    "α=0.5, LM loss 1": {"teacher_mix_alpha": 0.5, "lm_loss_weight": 1.0, "whiten_advantages": True},
     "α=0.2, no LM loss, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0, "whiten_advantages": False},
     "α=0.2, LM loss 1, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "whiten_advantages": False},
-    "α=0.2, LM loss 1, γ=1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "gamma": 1.0},
+    "α=0.2, LM loss 1, γ=1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "gamma": 1.0, "whiten_advantages": True},
 }
-VARIANTS = {**ABLATIONS, **STUDY}
+VARIANTS = {**ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True}}
 
 
 @dataclass
@@ -82,7 +85,7 @@ class Settings:
     eval_samples_per_prompt: int = 2
     reference_max_new_tokens: int = 64
     ablations: bool = True
-    methods: list[str] = field(default_factory=lambda: ["ours", *BASELINES])
+    methods: list[str] = field(default_factory=lambda: ["ours", WHITENED, *BASELINES])
 
 
 SMOKE = Settings(
@@ -225,9 +228,9 @@ class Benchmark:
                 **scores, "curve": curve}  # fmt: skip
 
 
-def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, log=print) -> dict:
-    """Run every missing (method, lr, seed) of `settings` (those whose method is in `only`, if given), appending each
-    to `results_path` as it finishes."""
+def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, log=print) -> dict:
+    """Run every missing (method, lr, seed) of `settings` (those whose method is in `only` and seed in `seeds`, if
+    given), appending each to `results_path` as it finishes."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if not same_grid(results.get("settings"), asdict(settings)):
         raise ValueError(f"{results_path} holds a run with other settings: move it away or use --results.")
@@ -241,7 +244,7 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
             log(f"{name}: {summary_line(results[name])}")
     done = {(r["method"], r["learning_rate"], r["seed"]) for r in results.setdefault("runs", [])}
     for method, learning_rate, seed in runs(settings):
-        if (method, learning_rate, seed) in done or (only and method not in only):
+        if (method, learning_rate, seed) in done or (only and method not in only) or (seeds and seed not in seeds):
             continue
         result = bench.run(method, learning_rate, seed)
         results["runs"].append(result)
@@ -338,8 +341,8 @@ def doc_blocks() -> dict[str, str]:
     ablations = list(ABLATIONS) if settings["ablations"] else []
     return blocks | {
         "real-speed": speed_table(results),
-        "real-methods": method_table(results, ["ours", *BASELINES]),
-        "real-ablations": method_table(results, ["ours", *ablations], [settings["ablation_learning_rate"]]),
+        "real-methods": method_table(results, ["ours", WHITENED, *BASELINES]),
+        "real-ablations": method_table(results, ["ours", WHITENED, *ablations], [settings["ablation_learning_rate"]]),
         "real-settings": "```json\n" + json.dumps({"settings": settings, "machine": results["machine"]}, indent=1)
         + "\n```\n",
     }
@@ -350,6 +353,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny settings, results to a scratch file")
     parser.add_argument("--study", action="store_true", help=f"the study behind the defaults ({STUDY_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --results and stop")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "real"))
     parser.add_argument("--results", default=None, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
@@ -365,7 +369,7 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    run_benchmark(settings, work_dir, results_path, only=options.only)
+    run_benchmark(settings, work_dir, results_path, only=options.only, seeds=options.seeds)
     return results_path
 
 

@@ -29,10 +29,12 @@ class ReverseKLDistillConfig(DistillationConfig):
             undiscounted sum, `γ = 1`).
         length_normalization (`bool`, *optional*, defaults to `True`):
             Divide the return at each position by the number of rewards it sums (paper Eq. 7, `R^Norm`).
-        whiten_advantages (`bool`, *optional*, defaults to `True`):
+        whiten_advantages (`bool`, *optional*, defaults to `False`):
             Whiten the returns (zero mean, unit variance over the valid tokens of the generation batch, all processes
-            together) before the policy-gradient loss (reference; not in the paper). A variance reduction that leaves
-            the expected gradient's direction unbiased up to a per-batch scale.
+            together) before the policy-gradient loss (the reference code does; the paper does not). It rescales each
+            batch's policy gradient by the spread of its returns: on a real model, where one looping completion
+            stands out in a batch of similar ones, that multiplied its push (docs/benchmarks.md), so it is off by
+            default and the returns enter the loss as the paper writes them.
         single_step_regularization (`bool`, *optional*, defaults to `True`):
             Add the exact per-position reverse KL `KL(q(·|y<t) || p(·|y<t))` summed over the vocabulary (paper
             Eq. 5, `(∇L)_Single`). When on, the policy-gradient part uses the future return `R_{t+1}` (paper);
@@ -125,7 +127,7 @@ class ReverseKLDistillConfig(DistillationConfig):
         default=True, metadata={"help": "Divide each return by the number of rewards it sums (paper Eq. 7)."}
     )
     whiten_advantages: bool = field(
-        default=True, metadata={"help": "Whiten returns over the generation batch (reference)."}
+        default=False, metadata={"help": "Whiten returns over the generation batch (reference code; not the paper)."}
     )
     single_step_regularization: bool = field(
         default=True,
