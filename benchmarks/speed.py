@@ -8,11 +8,13 @@ alike; the table reports medians, the spread (inter-quartile range) and ratios o
 Also measured: teacher forward work (forward hooks count the positions fed to the teacher backbone), the scaling of
 the step time from `max_new_tokens` 64 to 128, and where the time of one step goes (torch.profiler ranges).
 
-    PYTHONPATH=src python benchmarks/speed.py      # prints the tables, writes them into docs/performance.md
+    PYTHONPATH=src python benchmarks/speed.py          # tiny models; prints the tables, writes docs/performance.md
+    PYTHONPATH=src python benchmarks/speed.py --real   # the real SmolLM2 teacher and its pruned student (one length)
 """
 
 import argparse
 import contextlib
+import copy
 import os
 import random
 import statistics
@@ -83,15 +85,22 @@ def common_args(batch_size: int) -> dict:
     }
 
 
+# Our variants: the defaults (α = 0.2), α = 0 (the student samples alone and the teacher scores the completions in
+# one forward), α = 0 without the LM loss (the same work as DistillationTrainer: no reference answers), and the
+# defaults with rollout reuse. Every variant keeps the single-step term and length normalisation.
+OURS = {
+    "ReverseKLDistillTrainer": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0},
+    "ReverseKLDistillTrainer α=0": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 1.0},
+    "ReverseKLDistillTrainer α=0, no LM loss": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 0.0},
+    "ReverseKLDistillTrainer reuse": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "ppo_epochs": 4},
+}
+
+
 def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_tokens: int):
     """`{name: trainer}` over fresh copies of the same teacher and student weights."""
-    teacher_state, student_state = (m.state_dict() for m in models)
 
     def fresh(which):
-        teacher, student = build_models(tokenizer, *MODEL_SHAPE)
-        teacher.load_state_dict(teacher_state)
-        student.load_state_dict(student_state)
-        return teacher if which == "teacher" else student
+        return copy.deepcopy(models[0] if which == "teacher" else models[1])
 
     args = common_args(batch_size)
     prompt_dataset = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
@@ -106,10 +115,9 @@ def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_t
             trainer = DistillationTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
                                           train_dataset=prompt_dataset, processing_class=tokenizer)  # fmt: skip
         else:
-            reuse = name.endswith("reuse")
             config = ReverseKLDistillConfig(
-                **args, teacher_mix_alpha=0.2, single_step_regularization=True, length_normalization=True,
-                lm_loss_weight=1.0, ppo_epochs=4 if reuse else 1, max_new_tokens=max_new_tokens,
+                **args, single_step_regularization=True, length_normalization=True, max_new_tokens=max_new_tokens,
+                **OURS[name],
             )  # fmt: skip
             trainer = ReverseKLDistillTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
                                               train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
@@ -313,21 +321,32 @@ def step_table(times: dict[str, list[float]], reference: str) -> list[str]:
 MODEL_SHAPE = (256, 4, 2)  # hidden size, teacher layers, student layers
 
 
-def header(tokenizer, options) -> list[str]:
+def header(description: str, options) -> list[str]:
     return [
         (
-            f"Models: Llama from config, vocabulary {len(tokenizer)}, hidden {MODEL_SHAPE[0]}, teacher "
-            f"{MODEL_SHAPE[1]} layers, student {MODEL_SHAPE[2]} layers; batch {options.batch_size}; prompts 8-24 "
-            f"words (+ chat template), left-padded; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-            f"{options.warmup} warm-up steps per trainer, then {options.rounds} interleaved rounds."
+            f"{description}; batch {options.batch_size}; torch {torch.__version__}, {torch.get_num_threads()} "
+            f"thread(s); {options.warmup} warm-up steps per trainer, then {options.rounds} interleaved rounds."
         ),
         (
-            "ReverseKLDistillTrainer: teacher_mix_alpha=0.2, single-step term, length normalisation, "
-            "lm_loss_weight=1.0 (on the reference completions); `reuse` = ppo_epochs=4 (time per optimizer step "
+            "ReverseKLDistillTrainer (single-step term, length normalisation): the defaults, teacher_mix_alpha=0.2 "
+            "and lm_loss_weight=1.0 (on the reference completions); `α=0`: teacher_mix_alpha=0 (the student samples "
+            "alone, the teacher scores the completions in one forward); `α=0, no LM loss`: also lm_loss_weight=0, "
+            "the same work as DistillationTrainer; `reuse`: the defaults with ppo_epochs=4 (time per optimizer step "
             "averaged over the 4 steps of one rollout). GKDTrainer: lmbda=1, beta=1. DistillationTrainer: beta=1."
         ),
         "",
     ]
+
+
+def distillation_ratios(medians: dict, names) -> list[str]:
+    """The ratio of each of our variants to DistillationTrainer, and the issue's targets for the two that have one."""
+    targets = {"ReverseKLDistillTrainer": 1.0, "ReverseKLDistillTrainer α=0": 0.8}
+    lines = ["| ours | ratio to DistillationTrainer | target |", "|---|---|---|"]
+    for name in names:
+        if name in OURS:
+            target = f"≤ {targets[name]}" if name in targets else "–"
+            lines.append(f"| {name} | {medians[name] / medians['DistillationTrainer']:.2f} | {target} |")
+    return [*lines, ""]
 
 
 def teacher_work_lines(work: dict, name: str, max_new_tokens: int) -> list[str]:
@@ -370,52 +389,94 @@ def breakdown_lines(breakdown: dict, steps: int, max_new_tokens: int) -> list[st
     return lines
 
 
-def main():
+def tiny_setup(options):
+    """Random Llama models from config over a word-level tokenizer, random-word prompts."""
+    tokenizer = build_tokenizer([f"w{i}" for i in range(options.vocab_size - 5)])
+    models = build_models(tokenizer, *MODEL_SHAPE)
+    description = (
+        f"Models: Llama from config, vocabulary {len(tokenizer)}, hidden {MODEL_SHAPE[0]}, teacher {MODEL_SHAPE[1]} "
+        f"layers, student {MODEL_SHAPE[2]} layers; prompts 8-24 words (+ chat template), left-padded"
+    )
+    return tokenizer, models, conversations(tokenizer, num_rows=512), description
+
+
+REAL_LAYERS = [0, 1, 2, 3, 4, 5, 6, 27, 28, 29]  # the student of the demo and of benchmarks/real_quality.py
+
+
+def real_setup(options):
+    """SmolLM2-135M-Instruct teaching the 10-layer student of the real-model benchmark, on the `train` instructions
+    and the teacher's greedy answers to them (cached)."""
+    from transformers import AutoModelForCausalLM
+
+    from rkd_trl.instructions import cached_teacher_answers, load_instructions
+    from rkd_trl.instructions import conversations as instruction_conversations
+    from rkd_trl.models import keep_layers, load_smollm2
+
+    teacher, tokenizer = load_smollm2()
+    cache = Path(__file__).parent / ".cache" / "real" / "full" / "cache"
+    prompts = load_instructions("train")
+    answers = cached_teacher_answers(teacher, tokenizer, prompts, 128, cache, batch_size=32)
+    sft = cache / f"sft-{'-'.join(map(str, REAL_LAYERS))}-150-0.0003-2"  # made by benchmarks/real_quality.py
+    if (sft / "config.json").exists():
+        student, which = AutoModelForCausalLM.from_pretrained(sft), "its SFT-initialised student"
+    else:
+        student, which = keep_layers(teacher, REAL_LAYERS), "the pruned student before SFT"
+    description = (
+        f"Models: SmolLM2-135M-Instruct (30 layers, vocabulary {len(tokenizer)}, float32) teaching {which} "
+        f"(layers {REAL_LAYERS}); the 240 `train` instructions of the real-model benchmark, with the teacher's "
+        f"answers as references; max_new_tokens {options.max_new_tokens}"
+    )
+    return tokenizer, (teacher.eval(), student.eval()), instruction_conversations(prompts, answers), description
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--real", action="store_true", help="the real SmolLM2 pair (one length, no profile)")
     parser.add_argument("--vocab-size", type=int, default=16384)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 64 (32 with --real)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=None, help="default: 7 (5 with --real)")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--output", type=Path, default=DOCS)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
+    options.max_new_tokens = options.max_new_tokens or (32 if options.real else 64)
+    options.rounds = options.rounds or (5 if options.real else 7)
     torch.set_num_threads(options.threads)
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
 
     torch.manual_seed(0)
-    tokenizer = build_tokenizer([f"w{i}" for i in range(options.vocab_size - 5)])
-    models = build_models(tokenizer, *MODEL_SHAPE)
-    dataset = conversations(tokenizer, num_rows=512)
-    ours, ours_reuse = "ReverseKLDistillTrainer", "ReverseKLDistillTrainer reuse"
-    names = [ours, "GKDTrainer", "DistillationTrainer", ours_reuse]
-    out = header(tokenizer, options)
+    tokenizer, models, dataset, description = (real_setup if options.real else tiny_setup)(options)
+    ours = "ReverseKLDistillTrainer"
+    names = [ours, f"{ours} α=0", f"{ours} α=0, no LM loss", "GKDTrainer", "DistillationTrainer", f"{ours} reuse"]
+    out = header(description, options)
     medians = {}
     low, high = options.max_new_tokens, 2 * options.max_new_tokens
-    for max_new_tokens in (low, high):
+    for max_new_tokens in (low,) if options.real else (low, high):
         trainers = build_trainers(names, models, tokenizer, dataset, options.batch_size, max_new_tokens)
         runners = {name: StepRunner(trainer) for name, trainer in trainers.items()}
         times = interleaved_step_times(runners, options.warmup, options.rounds)
         medians[max_new_tokens] = {name: statistics.median(values) for name, values in times.items()}
-        ratio_distill = medians[max_new_tokens][ours] / medians[max_new_tokens]["DistillationTrainer"]
         section = [f"### Step time, max_new_tokens = {max_new_tokens}", "", *step_table(times, "GKDTrainer"), ""]
-        section += [f"Ratio {ours} / DistillationTrainer: {ratio_distill:.2f}.", ""]
+        section += distillation_ratios(medians[max_new_tokens], names)
         print("\n".join(section), flush=True)
         out += section
-        if max_new_tokens == low:
+        if max_new_tokens == low and not options.real:
             work = teacher_forward_work(trainers[ours])
             profiled = (ours, "GKDTrainer", "DistillationTrainer")
             breakdown = {name: profile_breakdown(runners[name], options.profile_steps) for name in profiled}
         del trainers, runners
 
-    out += [f"### Scaling, max_new_tokens {high} vs {low}", "", "| trainer | ratio of medians |", "|---|---|"]
-    out += [f"| {name} | {medians[high][name] / medians[low][name]:.2f} |" for name in names]
-    out += ["", *teacher_work_lines(work, ours, low), *breakdown_lines(breakdown, options.profile_steps, low)]
+    if not options.real:
+        out += [f"### Scaling, max_new_tokens {high} vs {low}", "", "| trainer | ratio of medians |", "|---|---|"]
+        out += [f"| {name} | {medians[high][name] / medians[low][name]:.2f} |" for name in names]
+        out += ["", *teacher_work_lines(work, ours, low), *breakdown_lines(breakdown, options.profile_steps, low)]
     text = "\n".join(out)
     print(text)
-    write_section(options.output, "speed", text)
+    write_section(options.output, "speed-real" if options.real else "speed", text)
+    return medians
 
 
 if __name__ == "__main__":
