@@ -28,7 +28,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -253,17 +253,29 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
     return results
 
 
+# Settings that only say which runs make up the grid; every other setting shapes each run.
+GRID_KEYS = ("methods", "learning_rates", "seeds", "later_seed_learning_rates")
+
+
 def same_grid(old: dict | None, new: dict) -> bool:
-    """Whether results run with settings `old` can be extended by a run with `new`: the same settings, except that the
-    list of methods may differ (methods added later run on the same student, data and steps)."""
-    strip = lambda settings: {key: value for key, value in settings.items() if key != "methods"}  # noqa: E731
+    """Whether results run with settings `old` can be extended by a run with `new`: the same settings, except those
+    that say which runs make up the grid (methods, learning rates and seeds added later run on the same student,
+    data and steps)."""
+    strip = lambda settings: {key: value for key, value in settings.items() if key not in GRID_KEYS}  # noqa: E731
     return old is None or strip(old) == strip(new)
 
 
 def joined_settings(old: dict | None, new: dict) -> dict:
-    """`new`, with the methods of `old` first and those only `new` has after them."""
-    methods = (old or {}).get("methods", [])
-    return new | {"methods": methods + [m for m in new["methods"] if m not in methods]}
+    """`new`, with each grid list holding the entries of `old` first and those only `new` has after them (a seed's
+    learning rates: None, every rate, wins)."""
+    joined = dict(new)
+    for key in GRID_KEYS:
+        before, after = (old or {}).get(key, []), new[key]
+        if before is None or after is None:
+            joined[key] = None
+        else:
+            joined[key] = before + [value for value in after if value not in before]
+    return joined
 
 
 def machine() -> dict:
@@ -354,11 +366,15 @@ def main(argv=None):
     parser.add_argument("--study", action="store_true", help=f"the study behind the defaults ({STUDY_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
+    parser.add_argument("--all-rates-for-later-seeds", action="store_true",
+                        help="run the seeds after the first at every learning rate (default: 5e-5 only)")
     parser.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --results and stop")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "real"))
     parser.add_argument("--results", default=None, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
     options = parser.parse_args(argv)
     settings = SMOKE if options.smoke else STUDY_SETTINGS if options.study else Settings()
+    if options.all_rates_for_later_seeds:
+        settings = replace(settings, later_seed_learning_rates=None)
     work_dir = Path(options.work_dir) / ("smoke" if options.smoke else "full")
     default = work_dir / "smoke.json" if options.smoke else STUDY_RESULTS if options.study else RESULTS
     results_path = Path(options.results) if options.results else default

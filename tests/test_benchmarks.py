@@ -112,10 +112,12 @@ def test_real_quality_results_take_new_methods_but_no_other_settings(tmp_path):
     spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
     real = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real)
-    old = real.asdict(real.STUDY_SETTINGS) | {"methods": ["a", "b"]}
-    new = old | {"methods": ["b", "c"]}
+    old = real.asdict(real.STUDY_SETTINGS) | {"methods": ["a", "b"], "later_seed_learning_rates": [5e-5]}
+    new = old | {"methods": ["b", "c"], "seeds": [1, 2]}
     assert real.same_grid(old, new) and real.same_grid(None, new)
     assert real.joined_settings(old, new)["methods"] == ["a", "b", "c"]
+    assert real.joined_settings(old, new)["seeds"] == [1, 2]
+    assert real.joined_settings(old, new | {"later_seed_learning_rates": None})["later_seed_learning_rates"] is None
     assert not real.same_grid(old, new | {"steps": old["steps"] + 1})
     run = {"method": "c", "learning_rate": 5e-5, "seed": 1}
     (tmp_path / "old.json").write_text(json.dumps({"settings": old, "runs": []}))
