@@ -323,6 +323,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
 
         self.lm_dataset = lm_dataset
         self._lm_batches = None
+        self._probe_prompts = None  # the greedy probe's prompts: those of its first rollout
         self._pending_loss_metrics = {}
         self._window_nonfinite = None  # NaN/inf seen in a loss of the current optimizer step (a device tensor)
         self._nonfinite_streak = 0
@@ -736,7 +737,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         A student that starts to loop does so in its most likely answer (what greedy decoding and low temperatures
         return) before its samples at temperature 1 show it. The same prompts every time make a change in the figures
         a change in the student, not in the prompts drawn (8 prompts vary a lot)."""
-        if getattr(self, "_probe_prompts", None) is None:
+        if self._probe_prompts is None:
             self._probe_prompts = (prompt_ids.clone(), prompt_mask.clone())
         prompt_ids, prompt_mask = self._probe_prompts
         # The sampler draws its random numbers even at top_k=1: on a forked generator, so that the probe leaves the
