@@ -24,7 +24,7 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 27, 28, 29])
     parser.add_argument("--sft-steps", type=int, default=150)
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--learning-rate", type=float, default=1e-5)
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
     options = parser.parse_args()
 
     teacher, tokenizer = load_smollm2()

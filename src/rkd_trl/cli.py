@@ -374,7 +374,7 @@ def main(argv=None):
         default=None,
         help="SFT steps that initialise the student (default: 80 real, 600 short, 800 chain)",
     )
-    demo.add_argument("--learning-rate", type=float, default=None, help="default: 1e-5 real, 3e-3 synthetic")
+    demo.add_argument("--learning-rate", type=float, default=None, help="default: 5e-5 real, 3e-3 synthetic")
     demo.add_argument(
         "--teacher-mix-alpha", type=float, default=None, help="teacher share α of the sampler (default: the trainer's)"
     )
