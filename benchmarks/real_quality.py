@@ -109,6 +109,13 @@ def runs(settings: Settings) -> list[tuple[str, float, int]]:
     return grid
 
 
+def sft_student_path(settings: Settings, work_dir: Path) -> Path:
+    """Where the SFT-initialised student of `settings` is cached (keyed by the settings that make it)."""
+    s = settings
+    key = f"sft-{'-'.join(map(str, s.student_layers))}-{s.sft_steps}-{s.sft_learning_rate}-{len(s.sft_samples)}"
+    return work_dir / "cache" / key
+
+
 class Benchmark:
     """The teacher, the data, the SFT student every run starts from, and one run of a method."""
 
@@ -143,8 +150,7 @@ class Benchmark:
         from rkd_trl.models import keep_layers
 
         s = self.settings
-        key = f"sft-{'-'.join(map(str, s.student_layers))}-{s.sft_steps}-{s.sft_learning_rate}-{len(s.sft_samples)}"
-        path = self.work_dir / "cache" / key
+        path = sft_student_path(s, self.work_dir)
         if (path / "config.json").exists():
             return AutoModelForCausalLM.from_pretrained(path).eval()
         student = keep_layers(self.teacher, s.student_layers)

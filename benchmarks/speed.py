@@ -400,31 +400,30 @@ def tiny_setup(options):
     return tokenizer, models, conversations(tokenizer, num_rows=512), description
 
 
-REAL_LAYERS = [0, 1, 2, 3, 4, 5, 6, 27, 28, 29]  # the student of the demo and of benchmarks/real_quality.py
-
-
 def real_setup(options):
-    """SmolLM2-135M-Instruct teaching the 10-layer student of the real-model benchmark, on the `train` instructions
-    and the teacher's greedy answers to them (cached)."""
+    """SmolLM2-135M-Instruct teaching the student of the real-model benchmark (`benchmarks/real_quality.py`: its
+    SFT-initialised student when that run has cached it, else the pruned student before SFT), on the `train`
+    instructions and the teacher's greedy answers to them (cached)."""
+    from real_quality import REPO, Settings, sft_student_path
     from transformers import AutoModelForCausalLM
 
     from rkd_trl.instructions import cached_teacher_answers, load_instructions
     from rkd_trl.instructions import conversations as instruction_conversations
     from rkd_trl.models import keep_layers, load_smollm2
 
+    settings, work_dir = Settings(), REPO / "benchmarks" / ".cache" / "real" / "full"
     teacher, tokenizer = load_smollm2()
-    cache = Path(__file__).parent / ".cache" / "real" / "full" / "cache"
     prompts = load_instructions("train")
-    answers = cached_teacher_answers(teacher, tokenizer, prompts, 128, cache, batch_size=32)
-    sft = cache / f"sft-{'-'.join(map(str, REAL_LAYERS))}-150-0.0003-2"  # made by benchmarks/real_quality.py
+    answers = cached_teacher_answers(teacher, tokenizer, prompts, 128, work_dir / "cache", batch_size=32)
+    sft = sft_student_path(settings, work_dir)
     if (sft / "config.json").exists():
         student, which = AutoModelForCausalLM.from_pretrained(sft), "its SFT-initialised student"
     else:
-        student, which = keep_layers(teacher, REAL_LAYERS), "the pruned student before SFT"
+        student, which = keep_layers(teacher, settings.student_layers), "the pruned student before SFT"
     description = (
         f"Models: SmolLM2-135M-Instruct (30 layers, vocabulary {len(tokenizer)}, float32) teaching {which} "
-        f"(layers {REAL_LAYERS}); the 240 `train` instructions of the real-model benchmark, with the teacher's "
-        f"answers as references; max_new_tokens {options.max_new_tokens}"
+        f"(layers {settings.student_layers}); the 240 `train` instructions of the real-model benchmark, with the "
+        f"teacher's answers as references; max_new_tokens {options.max_new_tokens}"
     )
     return tokenizer, (teacher.eval(), student.eval()), instruction_conversations(prompts, answers), description
 
