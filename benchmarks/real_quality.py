@@ -60,6 +60,9 @@ STUDY = {
     "α=0.2, no LM loss, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 0.0, "whiten_advantages": False},
     "α=0.2, LM loss 1, no whitening": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "whiten_advantages": False},
     "α=0.2, LM loss 1, γ=1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "gamma": 1.0, "whiten_advantages": True},
+    "α=0.2, LM loss 1, no whitening, γ=1": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "gamma": 1.0,
+                                            "whiten_advantages": False},
+    "α=0, LM loss 1, no whitening": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 1.0, "whiten_advantages": False},
 }
 VARIANTS = {**ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True}}
 
