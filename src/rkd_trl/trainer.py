@@ -743,8 +743,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         # The sampler draws its random numbers even at top_k=1: on a forked generator, so that the probe leaves the
         # run's own sampling (and a resumed run, which probes other prompts) as it would be without it.
         device = prompt_ids.device
-        forked = [device.index or 0] if device.type != "cpu" else []
-        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type):
             greedy = sample_teacher_mixed(
                 student, None, prompt_ids, prompt_mask, vocab_size=self.vocab_size,
                 max_new_tokens=self.max_completion_length, alpha=0.0, eos_token_ids=self.eos_token_ids,
