@@ -33,6 +33,13 @@ def test_bad_values_are_rejected_with_the_field_named(tmp_path, field, value, me
         make(tmp_path, **{field: value})
 
 
+def test_some_reverse_kl_term_must_stay_on(tmp_path):
+    make(tmp_path, policy_gradient=False)
+    make(tmp_path, single_step_regularization=False)
+    with pytest.raises(ValueError, match="leave no reverse-KL term"):
+        make(tmp_path, policy_gradient=False, single_step_regularization=False)
+
+
 def test_max_length_must_leave_room_for_the_prompt(tmp_path):
     with pytest.raises(ValueError, match="max_length"):
         make(tmp_path, max_new_tokens=64, max_length=64)

@@ -72,6 +72,45 @@ def test_padding_and_masked_tokens_do_not_change_loss_or_gradients(make_config, 
         assert torch.allclose(total_grads[name], reference_grads[name], atol=1e-5), name
 
 
+def test_without_policy_gradient_the_loss_is_the_token_level_reverse_kl(make_config, make_student, teacher,
+                                                                       tokenizer, task):
+    # policy_gradient=False leaves the single-step term: the exact KL(q || p) over the vocabulary at each sampled
+    # position, computed here from both models' own forwards.
+    for policy_gradient in (False, True):
+        trainer = build(make_config, make_student(), teacher, tokenizer, task.conversations(), max_new_tokens=5,
+                        policy_gradient=policy_gradient)  # fmt: skip
+        torch.manual_seed(0)
+        examples = [{"prompt": [{"role": "user", "content": p}]} for p in ["q0", "q1 q2 q3", "q4", "q5 q6"]]
+        inputs = trainer._generate_and_score_completions(examples)
+        mask = inputs["completion_mask"].bool()
+        num_items = mask.sum().float()
+        loss, grads = loss_and_grads(trainer, inputs, num_items)
+
+        student = trainer.model
+        student.zero_grad()
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        start = inputs["prompt_ids"].size(1) - 1
+        forward = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
+        student_logprobs = student(**forward).logits[:, start:-1].float().log_softmax(-1)
+        with torch.no_grad():
+            teacher_logprobs = teacher(**forward).logits[:, start:-1].float().log_softmax(-1)
+        kl = (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+        expected = kl[mask].sum() / num_items
+        expected.backward()
+        matches = torch.allclose(loss, expected.detach(), atol=1e-5) and all(
+            torch.allclose(grads[name], parameter.grad, atol=1e-5)
+            for name, parameter in student.named_parameters() if parameter.grad is not None
+        )  # fmt: skip
+        if policy_gradient:
+            assert inputs["advantages"][mask].abs().sum() > 0
+            assert not matches  # with the policy gradient on, the loss is more than the token-level KL
+        else:
+            assert inputs["advantages"].abs().sum() == 0
+            assert matches
+
+
 def train_one_step(make_config, student, teacher, tokenizer, dataset, batch_size, accumulation):
     args = make_config(per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
                        max_grad_norm=0.0, shuffle_dataset=False)

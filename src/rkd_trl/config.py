@@ -39,6 +39,12 @@ class ReverseKLDistillConfig(DistillationConfig):
             Add the exact per-position reverse KL `KL(q(·|y<t) || p(·|y<t))` summed over the vocabulary (paper
             Eq. 5, `(∇L)_Single`). When on, the policy-gradient part uses the future return `R_{t+1}` (paper);
             when off, it uses the full return `R_t`, so both settings estimate the same gradient.
+        policy_gradient (`bool`, *optional*, defaults to `True`):
+            Train on the policy-gradient term of the future returns (paper Eq. 5, `(∇L)_Long`): the part of the
+            sequence-level reverse KL that the single-step term leaves out, through which the student learns what
+            its next token does to the rest of its answer (including when to end it). False leaves the single-step
+            term (token-level reverse KL on the teacher-mixed samples) and the LM loss: an ablation, measured in
+            docs/benchmarks.md. At least one of `policy_gradient` and `single_step_regularization` must be on.
         ppo_clip_epsilon (`float`, *optional*, defaults to `0.2`):
             PPO clip range of the ratio `w_t · q_θ/q_old` (reference `--cliprange 0.2`).
         ppo_epochs (`int`, *optional*, defaults to `1`):
@@ -132,6 +138,11 @@ class ReverseKLDistillConfig(DistillationConfig):
     single_step_regularization: bool = field(
         default=True,
         metadata={"help": "Add the exact per-position reverse KL over the vocabulary (paper Eq. 5)."},
+    )
+    policy_gradient: bool = field(
+        default=True,
+        metadata={"help": "Train on the policy gradient of the future returns (paper Eq. 5, long-term term). False "
+                  "leaves the single-step term and the LM loss (an ablation)."},
     )
     ppo_clip_epsilon: float = field(
         default=0.2, metadata={"help": "PPO clip range of the ratio w·q/q_old (reference: 0.2)."}
@@ -247,6 +258,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if not (self.policy_gradient or self.single_step_regularization):
+            raise ValueError(
+                "policy_gradient=False and single_step_regularization=False leave no reverse-KL term to train on: "
+                "turn at least one of them on."
+            )
         if self.max_length is not None and self.max_length <= self.max_completion_length:
             raise ValueError(
                 f"max_length ({self.max_length}) must exceed max_completion_length ({self.max_completion_length}): "

@@ -334,9 +334,9 @@ class ReverseKLDistillTrainer(DistillationTrainer):
 
     # Settings and metrics the card reports, in this order; metrics are the last logged value.
     _card_settings = ("teacher_mix_alpha", "gamma", "length_normalization", "whiten_advantages",
-                      "single_step_regularization", "ppo_clip_epsilon", "ppo_epochs", "reward_scaling", "reward_clip",
-                      "importance_weight_max", "lm_loss_weight", "temperature", "max_completion_length",
-                      "learning_rate")  # fmt: skip
+                      "single_step_regularization", "policy_gradient", "ppo_clip_epsilon", "ppo_epochs",
+                      "reward_scaling", "reward_clip", "importance_weight_max", "lm_loss_weight", "temperature",
+                      "max_completion_length", "learning_rate")  # fmt: skip
     _card_metrics = ("minillm/reverse_kl", "minillm/reward_mean", "minillm/importance_weight_mean",
                      "minillm/clip_fraction", "completions/mean_length", "completions/clipped_ratio",
                      "loss/single_step", "loss/policy_gradient", "loss/lm", "entropy", "train_loss")  # fmt: skip
@@ -652,6 +652,8 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             sum_over_processes=lambda tensor: self.accelerator.reduce(tensor, reduction="sum"),
             teacher_token_counts=teacher_token_counts,
         )
+        if not self.args.policy_gradient:
+            advantages = torch.zeros_like(advantages)  # no policy-gradient term: the single-step term and LM loss
         weights = importance_weights(
             rollout.student_logprobs, rollout.sampling_logprobs, mask, self.args.importance_weight_max
         )
