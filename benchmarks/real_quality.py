@@ -13,12 +13,13 @@ and is judged on the 60 held-out `test` instructions, which nothing was tuned on
 Methods: ours (ReverseKLDistillTrainer, defaults), GKD (trl.experimental.gkd.GKDTrainer) with token-level reverse KL
 (β = 1, on-policy) and with its default JSD (β = 0.5, λ = 0.5), trl.DistillationTrainer (β = 1, its default), SeqKD
 (SFT continued on the teacher's greedy answers); each over a learning-rate grid and several seeds; and ours with the
-defaults before whitening was turned off (`whiten_advantages=True`). Ablations of those whitened defaults (teacher
-mixing α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, without the LM loss) run at one learning
-rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
+defaults before whitening was turned off (`whiten_advantages=True`). Ablations of the defaults (teacher mixing
+α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, without the LM loss, without the policy
+gradient), and the same changes to the whitened defaults, run at one learning rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
 
     PYTHONPATH=src python benchmarks/real_quality.py              # the full run (hours on 2 CPU cores)
     PYTHONPATH=src python benchmarks/real_quality.py --smoke      # minutes: the same code on tiny settings
+    PYTHONPATH=src python benchmarks/real_quality.py --sft450     # ours and GKD JSD from a memorised SFT start
     PYTHONPATH=src python docs/generated.py                       # re-render docs/benchmarks.md from the JSON
 """
 
@@ -38,6 +39,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
 STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
+SFT450_RESULTS = REPO / "docs" / "benchmarks" / "real_quality_sft450.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
 # The defaults before whitening was turned off (the study below), and the ablations that ran with them.
@@ -106,6 +108,10 @@ SMOKE = Settings(
     reference_max_new_tokens=8, ablations=False, methods=["ours", "SeqKD", "GKD JSD", "DistillationTrainer β=1",
                                                           "ours w/o LM loss"],
 )  # fmt: skip
+# Another start (`--sft450`): three times the SFT steps, eight epochs over the training answers, which the student
+# memorises; ours against GKD JSD, every seed at both learning rates.
+SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], later_seed_learning_rates=None, ablations=False,
+                           methods=["ours", "GKD JSD"])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -383,6 +389,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny settings, results to a scratch file")
     parser.add_argument("--study", action="store_true", help=f"the study behind the defaults ({STUDY_RESULTS.name})")
+    parser.add_argument("--sft450", action="store_true", help=f"from a memorised SFT start ({SFT450_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--all-rates-for-later-seeds", action="store_true",
@@ -391,11 +398,13 @@ def main(argv=None):
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "real"))
     parser.add_argument("--results", default=None, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
     options = parser.parse_args(argv)
-    settings = SMOKE if options.smoke else STUDY_SETTINGS if options.study else Settings()
+    presets = ((options.smoke, SMOKE, None), (options.study, STUDY_SETTINGS, STUDY_RESULTS),
+               (options.sft450, SFT450_SETTINGS, SFT450_RESULTS))  # fmt: skip
+    settings, default = next(((s, path) for chosen, s, path in presets if chosen), (Settings(), RESULTS))
     if options.all_rates_for_later_seeds:
         settings = replace(settings, later_seed_learning_rates=None)
     work_dir = Path(options.work_dir) / ("smoke" if options.smoke else "full")
-    default = work_dir / "smoke.json" if options.smoke else STUDY_RESULTS if options.study else RESULTS
+    default = default or work_dir / "smoke.json"
     results_path = Path(options.results) if options.results else default
     if options.merge:
         return merge(options.merge, results_path)
