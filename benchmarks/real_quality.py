@@ -15,7 +15,8 @@ Methods: ours (ReverseKLDistillTrainer, defaults), GKD (trl.experimental.gkd.GKD
 (SFT continued on the teacher's greedy answers); each over a learning-rate grid and several seeds; and ours with the
 defaults before whitening was turned off (`whiten_advantages=True`). Ablations of the defaults (teacher mixing
 α ∈ {0, 0.5}, no length normalisation, γ = 1, no single-step term, without the LM loss, without the policy
-gradient), and the same changes to the whitened defaults, run at one learning rate. Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
+gradient) run at one learning rate; the same changes to the whitened defaults, run earlier, stay in the results.
+Runs are appended to the results JSON as they finish, so an interrupted run resumes where it stopped:
 
     PYTHONPATH=src python benchmarks/real_quality.py              # the full run (hours on 2 CPU cores)
     PYTHONPATH=src python benchmarks/real_quality.py --smoke      # minutes: the same code on tiny settings
