@@ -111,8 +111,8 @@ SMOKE = Settings(
 )  # fmt: skip
 # Another start (`--sft450`): three times the SFT steps, eight epochs over the training answers, which the student
 # memorises; ours against GKD JSD, every seed at both learning rates.
-SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], later_seed_learning_rates=None, ablations=False,
-                           methods=["ours", "GKD JSD"])  # fmt: skip
+SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
+                           ablations=False, methods=["ours", "GKD JSD"])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
