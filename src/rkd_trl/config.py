@@ -254,15 +254,15 @@ class ReverseKLDistillConfig(DistillationConfig):
                 self.max_completion_length is not None and self.max_completion_length >= 1,
                 f"max_new_tokens / max_completion_length must be >= 1, got {self.max_completion_length}.",
             ),
+            (
+                self.policy_gradient or self.single_step_regularization,
+                "policy_gradient=False and single_step_regularization=False leave no reverse-KL term to train on: "
+                "turn at least one of them on.",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        if not (self.policy_gradient or self.single_step_regularization):
-            raise ValueError(
-                "policy_gradient=False and single_step_regularization=False leave no reverse-KL term to train on: "
-                "turn at least one of them on."
-            )
         if self.max_length is not None and self.max_length <= self.max_completion_length:
             raise ValueError(
                 f"max_length ({self.max_length}) must exceed max_completion_length ({self.max_completion_length}): "
