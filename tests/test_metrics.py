@@ -16,8 +16,10 @@ from rkd_trl.metrics import (
     exposure_bias,
     forward_kl_estimate,
     next_token_calibration,
+    reverse_kl_by_position,
     reverse_kl_estimate,
     rouge_l,
+    rouge_l_scores,
     sample_with_scores,
     validity,
 )
@@ -31,6 +33,7 @@ def test_rouge_l_matches_hand_computed_lcs():
     assert rouge_l(["a b"], [["a b"]]) == pytest.approx(1.0)
     # LCS("a b", "a b c d") = 2: precision 1, recall 1/2, F = 2/3; averaged with a perfect match.
     assert rouge_l(["a b", "z"], [["a b c d"], ["z"]]) == pytest.approx((2 / 3 + 1) / 2)
+    assert rouge_l_scores(["a b c d", "x", "a b"], [["a c d", "b"], ["y"], ["a b c d"]]) == pytest.approx([6 / 7, 0, 2 / 3])
 
 
 def test_exact_match_takes_any_reference_up_to_white_space():
@@ -121,6 +124,40 @@ def test_sequence_kl_estimates_match_exact_enumeration(tiny_pair):
     assert exact_reverse > 0.5 and exact_forward > 0.5
     assert abs(reverse["reverse_kl"] - exact_reverse) < 4 * reverse["reverse_kl_stderr"]
     assert abs(forward["forward_kl"] - exact_forward) < 4 * forward["forward_kl_stderr"]
+
+
+def test_reverse_kl_by_position_against_plain_forwards_and_exact_enumeration(tiny_pair):
+    tokenizer, student, teacher = tiny_pair
+    prompts = ["a", "b a b"]  # two prompt lengths: left padding in the batch
+    torch.manual_seed(0)
+    by_position = reverse_kl_by_position(student, teacher, tokenizer, prompts, 3, samples_per_prompt=3, batch_size=4)
+    kl, log_ratio, mask = by_position["kl"], by_position["log_ratio"], by_position["mask"]
+    assert kl.shape == log_ratio.shape == mask.shape == (6, 3)
+    # Each sample, position by position, against one unpadded forward of prompt + sample per model.
+    lengths = set()
+    for row, prompt in enumerate(p for p in prompts for _ in range(3)):
+        length = int(mask[row].sum())
+        lengths.add(length)
+        assert mask[row, :length].all() and not mask[row, length:].any()
+        assert (kl[row, length:] == 0).all() and (log_ratio[row, length:] == 0).all()
+        prompt_ids = chat_prompt_batch(tokenizer, [prompt])[0]
+        sample = by_position["completion_ids"][row, :length]
+        ids = torch.cat([prompt_ids[0], sample])[None]
+        q, p = (torch.log_softmax(m(input_ids=ids).logits[0].double(), -1)[prompt_ids.size(1) - 1 : -1]
+                for m in (student, teacher))  # fmt: skip
+        expected_kl = (q.exp() * (q - p)).sum(-1)
+        expected_ratio = (q - p).gather(-1, sample[:, None]).squeeze(-1)
+        torch.testing.assert_close(kl[row, :length].double(), expected_kl, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(log_ratio[row, :length].double(), expected_ratio, atol=1e-4, rtol=1e-4)
+    assert len(lengths) > 1  # some samples end early, some run to the limit
+    # Summed over positions, its mean is the sequence reverse KL: against exact enumeration.
+    exact_reverse, _ = exact_sequence_kls(tokenizer, student, teacher, "a", max_new_tokens=2)
+    torch.manual_seed(1)
+    many = reverse_kl_by_position(student, teacher, tokenizer, ["a"], 2, samples_per_prompt=3000, batch_size=1000)
+    per_sequence = many["kl"].sum(1)
+    assert abs(per_sequence.mean().item() - exact_reverse) < 4 * (per_sequence.std() / 3000**0.5).item()
+    # Rao–Blackwellised: less spread than the sampled log-ratio over the same samples, the same mean.
+    assert per_sequence.std() < many["log_ratio"].sum(1).std()
 
 
 def test_completion_logprobs_match_the_cached_sampler(tiny_pair):

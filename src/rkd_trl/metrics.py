@@ -77,6 +77,37 @@ def reverse_kl_estimate(student, teacher, tokenizer, prompts, max_new_tokens, sa
 
 
 @torch.no_grad()
+def reverse_kl_by_position(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16, batch_size=16):
+    """The reverse KL at each position of the student's own samples: `[N, max_new_tokens]` tensors (N = prompts ×
+    `samples_per_prompt`, 0 after each sample ends) of
+
+    - `kl`: the exact `KL(q_t || p_t)` over the shared vocabulary given the sampled prefix (its Rao–Blackwellised
+      form: summed over positions its expectation is the sequence reverse KL, with the sampling noise of the token
+      itself removed);
+    - `log_ratio`: the sampled `log q(y_t|·) − log p(y_t|·)` (what `reverse_kl_estimate` sums);
+    - `mask`: 1 where the sample has a token;
+    - `completion_ids`: the sampled tokens (the pad token after the end).
+
+    Compare methods at matched positions with it: the reverse KL is higher early in an answer than late, so a
+    method whose answers are shorter scores a higher reverse KL per token without being worse anywhere.
+    Student and teacher must share a tokenizer."""
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    parts = []
+    for start in range(0, len(repeated), batch_size):
+        rollout, student_logprobs, teacher_logprobs = _teacher_and_student_distributions(
+            student, teacher, tokenizer, repeated[start : start + batch_size], max_new_tokens, alpha=0.0
+        )
+        mask = rollout.completion_mask.float()
+        kl = (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1) * mask
+        log_ratio = (rollout.student_logprobs - rollout.teacher_logprobs) * mask
+        width = (0, max_new_tokens - mask.size(1))
+        ids = F.pad(rollout.completion_ids, width, value=tokenizer.pad_token_id)
+        parts.append([F.pad(x, width).cpu() for x in (kl, log_ratio, mask)] + [ids.cpu()])
+    kl, log_ratio, mask, ids = (torch.cat(column) for column in zip(*parts, strict=True))
+    return {"kl": kl, "log_ratio": log_ratio, "mask": mask, "completion_ids": ids}
+
+
+@torch.no_grad()
 def forward_kl_estimate(student, teacher, tokenizer, prompts, max_new_tokens, samples_per_prompt=16):
     """Monte-Carlo `KL(p || q) = E_{y~p} Σ_t [log p(y_t|·) - log q(y_t|·)]` over whole teacher-sampled responses,
     with its standard error and the mean response length (of the teacher's samples)."""
@@ -100,6 +131,12 @@ def _rouge_l_module():
 def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     """Mean Rouge-L F-measure (`evaluate` + `rouge_score`) of each prediction against its best reference."""
     return _rouge_l_module().compute(predictions=predictions, references=references)["rougeL"]
+
+
+def rouge_l_scores(predictions: list[str], references: list[list[str]]) -> list[float]:
+    """Rouge-L F-measure of each prediction against its best reference, one per prediction (`rouge_l` is their
+    mean), for comparisons prompt by prompt."""
+    return _rouge_l_module().compute(predictions=predictions, references=references, use_aggregator=False)["rougeL"]
 
 
 def exact_match(predictions: list[str], references: list[list[str]]) -> float:
