@@ -249,8 +249,9 @@ class Benchmark:
                                                "completions/clipped_ratio", "completions/greedy_repeated_4grams",
                                                "completions/greedy_clipped_ratio", "loss/lm") if key in entry}
                  for entry in trainer.state.log_history if "minillm/reverse_kl" in entry]  # fmt: skip
+        # The thread count changes the order of floating-point sums, enough to move a run as much as a seed does.
         return {"method": method, "learning_rate": learning_rate, "seed": seed, "train_seconds": seconds,
-                **scores, "curve": curve}  # fmt: skip
+                "threads": torch.get_num_threads(), **scores, "curve": curve}  # fmt: skip
 
 
 def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, log=print) -> dict:
@@ -367,6 +368,72 @@ def speed_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prompt_scores(results: dict, method: str, learning_rate: float | None = None) -> tuple[list[float], int]:
+    """Rouge-L (× 100) of `method`'s greedy answers against the teacher's, prompt by prompt, averaged over its seeds at
+    `learning_rate` (the teacher and the SFT init: their one set of answers), and the number of seeds."""
+    from rkd_trl.metrics import rouge_l_scores
+
+    if method in ("teacher", "SFT init"):
+        groups = [results[method]]
+    else:
+        groups = [r for r in results["runs"] if r["method"] == method and r["learning_rate"] == learning_rate]
+    if not groups:
+        raise ValueError(f"no runs of {method!r} at {learning_rate} in the results.")
+    references = [[answer] for answer in results["teacher"]["greedy_answers"]]
+    per_seed = [rouge_l_scores(run["greedy_answers"], references) for run in groups]
+    return [100.0 * statistics.fmean(scores) for scores in zip(*per_seed, strict=True)], len(groups)
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean of `a − b` over prompts scored by both, its 95% percentile-bootstrap interval over prompts (resampled with
+    replacement, `resamples` times, from a fixed seed) and how many prompts each side scores higher on.
+
+    Pairing on prompts takes out what every method shares on a prompt (how far any short answer can be from the
+    teacher's one answer), which seed means and their spread leave in."""
+    import random
+
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
+    return {"difference": statistics.fmean(differences), "low": means[int(0.025 * resamples)],
+            "high": means[int(0.975 * resamples) - 1], "a_higher": sum(d > 0 for d in differences),
+            "b_higher": sum(d < 0 for d in differences)}  # fmt: skip
+
+
+# Rouge-L compared prompt by prompt: (results file, its start, [(a, b)]) at each learning rate of the pair.
+PAIRED = [
+    (RESULTS, "150 SFT steps", [("ours", "GKD JSD"), ("ours", "SeqKD"), ("ours", NO_POLICY_GRADIENT),
+                                ("ours", "SFT init"), ("GKD JSD", "SFT init")]),
+    (SFT450_RESULTS, "450 SFT steps", [("ours", "GKD JSD"), ("ours", "SFT init"), ("GKD JSD", "SFT init")]),
+]  # fmt: skip
+
+
+def paired_table(paired=PAIRED) -> str:
+    """For each pair of `paired` at each learning rate both ran at (the SFT init at every rate): Rouge-L of each, the
+    difference prompt by prompt with its 95% bootstrap interval, and the prompts on which each is higher."""
+    lines = ["| start | lr | a − b | seeds | Rouge-L a | Rouge-L b | a − b | 95% interval | prompts a > b / b > a |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path, start, pairs in paired:
+        results = json.loads(path.read_text())
+        rates = {}
+        for r in results["runs"]:
+            rates.setdefault(r["method"], set()).add(r["learning_rate"])
+        for rate in sorted(rates["ours"]):
+            for a, b in pairs:
+                if rate not in rates.get(a, ()) or (b != "SFT init" and rate not in rates.get(b, ())):
+                    continue
+                scores_a, seeds_a = prompt_scores(results, a, rate)
+                scores_b, seeds_b = prompt_scores(results, b, rate)
+                d = paired_difference(scores_a, scores_b)
+                seeds = f"{seeds_a}, {seeds_b}" if b != "SFT init" else f"{seeds_a}"
+                lines.append(
+                    f"| {start} | {rate:g} | {a} − {b} | {seeds} | {statistics.fmean(scores_a):.1f} | "
+                    f"{statistics.fmean(scores_b):.1f} | {d['difference']:+.2f} | [{d['low']:+.2f}, {d['high']:+.2f}] | "
+                    f"{d['a_higher']} / {d['b_higher']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
 def doc_blocks() -> dict[str, str]:
     """Generated blocks of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
     study = json.loads(STUDY_RESULTS.read_text())
@@ -378,6 +445,7 @@ def doc_blocks() -> dict[str, str]:
     ablations = list(ABLATIONS) if settings["ablations"] else []
     return blocks | {
         "real-speed": speed_table(results),
+        "real-paired": paired_table(),
         "real-methods": method_table(results, ["ours", WHITENED, NO_POLICY_GRADIENT, *BASELINES]),
         "real-ablations": method_table(results, ["ours", *ablations, WHITENED, *WHITENED_ABLATIONS],
                                        [settings["ablation_learning_rate"]]),

