@@ -12,6 +12,7 @@ from rkd_trl.metrics import (
     exposure_bias,
     forward_kl_estimate,
     next_token_calibration,
+    reverse_kl_by_position,
     reverse_kl_estimate,
     rouge_l,
     sample_with_scores,
@@ -34,5 +35,10 @@ print("Rouge-L", rouge_l(answers, [task.references(p) for p in prompts]))
 print("distinct-2", distinct_n(answers, 2))
 print(reverse_kl_estimate(student, teacher, tokenizer, task.prompts, max_new_tokens, samples_per_prompt=32))
 print(forward_kl_estimate(student, teacher, tokenizer, task.prompts, max_new_tokens, samples_per_prompt=32))
+# The exact reverse KL at each position of the student's samples: compare students at matched positions when their
+# answers differ in length (the reverse KL per token mixes the two).
+by_position = reverse_kl_by_position(student, teacher, tokenizer, task.prompts, max_new_tokens, samples_per_prompt=32)
+kl_at = by_position["kl"].sum(0) / by_position["mask"].sum(0).clamp(min=1)
+print("reverse KL at each position", [round(x, 2) for x in kl_at.tolist()])
 print("ECE", next_token_calibration(student, teacher, tokenizer, task.prompts, max_new_tokens))
 print("ExAccErr(l) %", exposure_bias(student, teacher, tokenizer, task.prompts, max_new_tokens).round().tolist())
