@@ -249,7 +249,11 @@ def main(argv=None) -> Path:
     parser.add_argument("--collect", action="store_true", help="only gather the measured runs into --results")
     parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "real" / "full"))
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--limit-prompts", type=int, help="measure on the first N test prompts (a smoke run)")
+    parser.add_argument(
+        "--limit-prompts",
+        type=int,
+        help="measure on the first N test prompts (a smoke run: give it its own --work-dir and --results)",
+    )
     options = parser.parse_args(argv)
     work_dir, results_path = Path(options.work_dir), Path(options.results)
     if not options.collect:
