@@ -47,9 +47,12 @@ GRID = [(start, method, rate, seed) for start, rate in (("150", 5e-6), ("150", 5
 QUALITY_METHODS = ("ours w/o LM loss", "ours w/o policy gradient")
 
 
-def run_name(start: str, method: str, rate: float, seed: int) -> str:
+def run_folder(work_dir: Path, start: str, method: str, rate: float, seed: int) -> Path:
+    """Where a run's student and record live (the SFT student's record: `<start>-SFT_init`)."""
+    if method == "SFT init":
+        return work_dir / "positions" / f"{start}-SFT_init"
     safe = re.sub(r"[^\w.=-]+", "_", method)
-    return f"{start}-{safe}-{rate:g}-{seed}"
+    return work_dir / "positions" / f"{start}-{safe}-{rate:g}-{seed}"
 
 
 def measure(student, bench, limit_prompts=None) -> dict:
@@ -73,8 +76,7 @@ def run_one(start: str, method: str, rate: float, seed: int, work_dir: Path, lim
 
     settings = STARTS[start]
     bench = real_quality.Benchmark(settings, work_dir)
-    name = "SFT init" if method == "SFT init" else run_name(start, method, rate, seed)
-    folder = work_dir / "positions" / (f"{start}-SFT_init" if method == "SFT init" else name)
+    folder = run_folder(work_dir, start, method, rate, seed)
     record_path = folder / "positions.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -96,7 +98,7 @@ def run_one(start: str, method: str, rate: float, seed: int, work_dir: Path, lim
         student = trainer.model.eval()
         student.save_pretrained(folder)
     record = {"start": start, "method": method, "learning_rate": rate, "seed": seed,
-              "train_threads": torch.get_num_threads(), **measure(student, bench, limit_prompts)}  # fmt: skip
+              **measure(student, bench, limit_prompts)}  # fmt: skip
     if method in QUALITY_METHODS:
         record["quality"] = greedy_quality(student, bench, seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,24 +196,17 @@ def paired_reverse_kl(
 ) -> dict:
     """Reverse KL per token (`per="token"`: pooled over the runs' tokens) or per sequence (`per="sequence"`) of the
     runs `a` minus that of `b`, with a 95% bootstrap interval over the prompts, which both sets of runs answer."""
-    import random
-
     (kl_a, tok_a), (kl_b, tok_b) = prompt_sums(a), prompt_sums(b)
     if per == "sequence":  # every prompt has the same number of samples in a run
         tok_a, tok_b = [len(a) * SAMPLES_PER_PROMPT] * len(kl_a), [len(b) * SAMPLES_PER_PROMPT] * len(kl_b)
 
-    def rate(kl, tok, idx):
-        return sum(kl[i] for i in idx) / sum(tok[i] for i in idx)
+    def difference(idx):
+        return sum(kl_a[i] for i in idx) / sum(tok_a[i] for i in idx) - sum(kl_b[i] for i in idx) / sum(
+            tok_b[i] for i in idx
+        )
 
-    every = range(len(kl_a))
-    rng = random.Random(seed)
-    draws = []
-    for _ in range(resamples):
-        idx = rng.choices(every, k=len(kl_a))
-        draws.append(rate(kl_a, tok_a, idx) - rate(kl_b, tok_b, idx))
-    draws.sort()
-    return {"difference": rate(kl_a, tok_a, every) - rate(kl_b, tok_b, every),
-            "low": draws[int(0.025 * resamples)], "high": draws[int(0.975 * resamples) - 1]}  # fmt: skip
+    low, high = real_quality.bootstrap_interval(difference, len(kl_a), resamples, seed)
+    return {"difference": difference(range(len(kl_a))), "low": low, "high": high}
 
 
 def differences_table(results: dict, a: str = "ours", b: str = "GKD JSD") -> str:
@@ -272,14 +267,9 @@ def main(argv=None) -> Path:
             chosen = [(start, "SFT init", 0.0, 0) for start in sorted({g[0] for g in GRID})] + GRID
         for start, method, rate, seed in chosen:
             record = run_one(start, method, rate, seed, work_dir, options.limit_prompts)
-            init = next(
-                iter(
-                    json.loads(p.read_text())["alive"]
-                    for p in (work_dir / "positions").glob(f"{start}-SFT_init/positions.json")
-                ),
-                None,
-            )
-            row = summary(record, init or record["alive"])
+            init = run_folder(work_dir, start, "SFT init", 0.0, 0) / "positions.json"
+            weights = json.loads(init.read_text())["alive"] if init.exists() else record["alive"]
+            row = summary(record, weights)
             print(
                 f"{start} {method} {rate:g} {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True
             )

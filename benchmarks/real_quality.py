@@ -384,20 +384,28 @@ def prompt_scores(results: dict, method: str, learning_rate: float | None = None
     return [100.0 * statistics.fmean(scores) for scores in zip(*per_seed, strict=True)], len(groups)
 
 
+def bootstrap_interval(statistic, n: int, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `statistic(indices)` over `n` prompts, resampled with replacement
+    `resamples` times from a fixed seed."""
+    import random
+
+    rng = random.Random(seed)
+    draws = sorted(statistic(rng.choices(range(n), k=n)) for _ in range(resamples))
+    return draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+
+
 def paired_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
-    """Mean of `a − b` over prompts scored by both, its 95% percentile-bootstrap interval over prompts (resampled with
-    replacement, `resamples` times, from a fixed seed) and how many prompts each side scores higher on.
+    """Mean of `a − b` over prompts scored by both, its 95% bootstrap interval over prompts (`bootstrap_interval`)
+    and how many prompts each side scores higher on.
 
     Pairing on prompts takes out what every method shares on a prompt (how far any short answer can be from the
     teacher's one answer), which seed means and their spread leave in."""
-    import random
-
     differences = [x - y for x, y in zip(a, b, strict=True)]
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(differences, k=len(differences))) for _ in range(resamples))
-    return {"difference": statistics.fmean(differences), "low": means[int(0.025 * resamples)],
-            "high": means[int(0.975 * resamples) - 1], "a_higher": sum(d > 0 for d in differences),
-            "b_higher": sum(d < 0 for d in differences)}  # fmt: skip
+    low, high = bootstrap_interval(
+        lambda idx: statistics.fmean(differences[i] for i in idx), len(differences), resamples, seed
+    )
+    return {"difference": statistics.fmean(differences), "low": low, "high": high,
+            "a_higher": sum(d > 0 for d in differences), "b_higher": sum(d < 0 for d in differences)}  # fmt: skip
 
 
 # Rouge-L compared prompt by prompt: (results file, its start, [(a, b)]) at each learning rate of the pair.
