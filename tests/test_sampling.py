@@ -1,10 +1,12 @@
+import itertools
 import math
 
 import pytest
 import torch
 
 from rkd_trl.metrics import chat_prompt_batch as prompt_batch
-from rkd_trl.sampling import mix_logprobs, sample_from_logprobs, sample_teacher_mixed
+from rkd_trl import sampling
+from rkd_trl.sampling import mix_logprobs, sample_from_logprobs, sample_teacher_mixed, teacher_steps
 from rkd_trl.scoring import language_model_backbone, position_ids_from_mask
 
 
@@ -67,20 +69,29 @@ def test_recorded_scores_match_full_forward(tokenizer, teacher, make_student, ta
 
 
 class FedPositions:
-    """Counts the token positions fed to a module (forward pre-hook)."""
+    """Counts the token positions fed to a module (forward pre-hook), all of them and those attended to (the fed
+    columns of the attention mask), and its calls."""
 
     def __init__(self, module):
-        self.count = 0
+        self.count = self.attended = self.calls = 0
         module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module, args, kwargs):
+        fed = kwargs["input_ids"].size(1)
         self.count += kwargs["input_ids"].numel()
+        self.attended += int(kwargs["attention_mask"][:, -fed:].sum())
+        self.calls += 1
 
 
-def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(tokenizer, teacher, make_student, task):
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(
+    tokenizer, teacher, make_student, task, catch_up, monkeypatch
+):
     """With half the vocabulary as EOS, rows end at different steps: they are dropped from both KV caches, the
-    remaining rows' scores still equal a full forward, and each model is fed every prompt position and every sampled
-    position but the last of each row exactly once."""
+    remaining rows' scores and the teacher's hidden states still equal a full forward, and each model reads every
+    prompt position and every sampled position but the last of each row exactly once. The student is fed token by
+    token; the teacher catches up at its own steps only (one forward per teacher step, plus the prompt and the end),
+    or, without catch-up, is fed every token as the student is."""
     student = make_student().eval()
     V = len(tokenizer)
     eos_token_ids = [tokenizer.convert_tokens_to_ids(letter) for letter in task.letters[:3]] + [tokenizer.eos_token_id]
@@ -88,15 +99,26 @@ def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(tokenizer,
         name: FedPositions(language_model_backbone(model))
         for name, model in (("student", student), ("teacher", teacher))
     }
+    coins = []
+    monkeypatch.setattr(sampling, "teacher_steps", lambda *args: coins.append(teacher_steps(*args)) or coins[0])
     torch.manual_seed(3)
     prompts = ["q0", "q1 q2 q3", "q4", "q5", "q6 q7", "q2"]
     ids, mask, rollout = sample(
-        student, teacher, tokenizer, prompts, 0.5, max_new_tokens=8, eos_token_ids=eos_token_ids
-    )
+        student, teacher, tokenizer, prompts, 0.5, max_new_tokens=8, eos_token_ids=eos_token_ids,
+        teacher_catch_up=catch_up,
+    )  # fmt: skip
     lengths = rollout.completion_mask.sum(1)
     assert lengths.unique().numel() > 2, lengths  # rows ended at several different steps
     expected_fed = ids.numel() + int((lengths - 1).sum())
-    assert fed["student"].count == expected_fed and fed["teacher"].count == expected_fed
+    assert fed["student"].count == expected_fed
+    assert fed["teacher"].attended == int(mask.sum() + (lengths - 1).sum())
+    assert fed["teacher"].calls == rollout.teacher_calls
+    if catch_up:  # the prompt, one catch-up at each teacher step after the first column, and the rest at the end
+        teacher_columns = coins[0][1 : int(lengths.max())].nonzero().squeeze(1) + 1
+        last_teacher_column = int(teacher_columns.max()) if teacher_columns.numel() else 0
+        assert rollout.teacher_calls == 1 + teacher_columns.numel() + (last_teacher_column < lengths.max() - 1)
+    else:
+        assert fed["teacher"].count == expected_fed and rollout.teacher_calls == lengths.max()
 
     assert_scores_match_full_forward(student, teacher, ids, mask, rollout, 0.5, V)
     valid = rollout.completion_mask.bool()
@@ -129,25 +151,55 @@ def test_inverse_cdf_sampling_matches_the_distribution():
     assert observed[~keep].sum() < 5 * (~keep).sum() + 20  # the far tail stays rare
 
 
-def test_sampler_draws_from_the_mixture(tokenizer, teacher, make_student):
-    """Seeded goodness of fit of the first token: empirical frequencies vs α·p + (1-α)·q."""
-    student = make_student().eval()
-    alpha, n = 0.3, 20000
+def binomial_z(hits: int, n: int, probability: float) -> float:
+    return (hits - n * probability) / math.sqrt(n * probability * (1 - probability))
+
+
+def test_one_coin_per_step_picks_the_teacher_with_probability_alpha():
+    """Seeded two-sided binomial test of the coins at z = 4.4 (p ≈ 1e-5), with its power shown: the same test
+    rejects coins whose probability is off by 0.05."""
     torch.manual_seed(0)
-    ids, _, rollout = sample(student, teacher, tokenizer, ["q1"] * n, alpha, max_new_tokens=1)
-    V = len(tokenizer)
-    q = torch.softmax(student(input_ids=ids[:1]).logits[0, -1, :V], -1)
-    p = torch.softmax(teacher(input_ids=ids[:1]).logits[0, -1, :V], -1)
-    empirical = torch.bincount(rollout.completion_ids[:, 0], minlength=V).float() / n
-    expected = alpha * p + (1 - alpha) * q
-    # Pearson chi-square over tokens with expected count ≥ 5; critical value for p = 0.001 at df ≤ V.
-    keep = expected * n >= 5
-    chi2 = (((empirical - expected) * n) ** 2 / (expected * n))[keep].sum().item()
-    df = int(keep.sum()) - 1
-    critical = df + 3.09 * math.sqrt(2 * df) + 2  # Wilson–Hilferty-free upper bound, generous for df ≈ 20
-    assert chi2 < critical, (chi2, critical)
-    # and it is not the student's or the teacher's distribution alone
-    assert (empirical - q).abs().sum() > 0.05 and (empirical - p).abs().sum() > 0.05
+    n = 20_000
+    hits = sum(int(teacher_steps(100, 0.2).sum()) for _ in range(n // 100))
+    assert abs(binomial_z(hits, n, 0.2)) < 4.4
+    assert abs(binomial_z(hits, n, 0.25)) > 4.4 and abs(binomial_z(hits, n, 0.15)) > 4.4
+    assert teacher_steps(7, 0.0).tolist() == [False] * 7 and teacher_steps(7, 1.0).tolist() == [True] * 7
+
+
+def test_each_row_is_drawn_from_the_product_of_mixtures_by_exact_enumeration(tokenizer, teacher, make_student, monkeypatch):
+    """Exact enumeration over every completion of 2 tokens (one row each, EOS excluded) and every pattern of the
+    step coins: `Σ_coins P(coins) Π_t P_coin_t(y_t | y_<t)`, with the distributions the sampler hands to its draw, equals
+    `Π_t (α·p_t + (1-α)·q_t)` of a full forward of both models, for every row; and a per-step teacher gives the same."""
+    student = make_student().eval()
+    alpha, V, length = 0.3, len(tokenizer), 2
+    vocabulary = [t for t in range(V) if t not in (tokenizer.eos_token_id, tokenizer.pad_token_id)]
+    sequences = torch.tensor([[a, b] for a in vocabulary for b in vocabulary])
+    ids, mask = prompt_batch(tokenizer, ["q1 q2"] * len(sequences))
+    drawn_from = []
+
+    def forced(logprobs):  # every row stays active: row r draws sequences[r, step]
+        step = len(drawn_from)
+        drawn_from.append(logprobs.gather(1, sequences[:, step, None]).squeeze(1))
+        return sequences[:, step].clone()
+
+    monkeypatch.setattr(sampling, "sample_from_logprobs", forced)
+    q = full_forward_logprobs(student, ids, mask, sequences, torch.ones_like(sequences), V)
+    p = full_forward_logprobs(teacher, ids, mask, sequences, torch.ones_like(sequences), V)
+    expected = mix_logprobs(q, p, alpha).gather(-1, sequences[..., None]).squeeze(-1).sum(1).exp()
+    assert abs(expected.sum().item() - 1) > 0.01  # EOS and padding excluded: these rows do not cover everything
+    for catch_up in (True, False):
+        total = torch.zeros(len(sequences))
+        for pattern in itertools.product([False, True], repeat=length):
+            monkeypatch.setattr(sampling, "teacher_steps", lambda n, a, pattern=pattern: torch.tensor(pattern[:n]))
+            drawn_from.clear()
+            rollout = sample_teacher_mixed(
+                student, teacher, ids, mask, vocab_size=V, max_new_tokens=length, alpha=alpha,
+                eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, teacher_catch_up=catch_up,
+            )  # fmt: skip
+            assert torch.equal(rollout.completion_ids, sequences)
+            coins_probability = math.prod(alpha if coin else 1 - alpha for coin in pattern)
+            total += coins_probability * torch.stack(drawn_from).sum(0).exp()
+        torch.testing.assert_close(total, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_alpha_zero_gives_unit_importance_weights(tokenizer, teacher, make_student):

@@ -36,17 +36,16 @@ def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alp
     device = next(student.parameters()).device
     ids, mask = chat_prompt_batch(tokenizer, prompts, device)
     vocab_size = shared_vocab_size(student, teacher, tokenizer)
-    drop_ended_rows = tuple(
-        verify_scoring(model, vocab_size, tokenizer.pad_token_id, name).drop_ended_rows
-        for name, model in (("student", student), ("teacher", teacher))
-    )
+    checks = [verify_scoring(model, vocab_size, tokenizer.pad_token_id, name)
+              for name, model in (("student", student), ("teacher", teacher))]  # fmt: skip
     rollout = sample_teacher_mixed(
         student,
         teacher,
         ids,
         mask,
         vocab_size=vocab_size,
-        drop_ended_rows=drop_ended_rows,
+        drop_ended_rows=(checks[0].drop_ended_rows, checks[1].drop_ended_rows),
+        teacher_catch_up=checks[1].catch_up,
         max_new_tokens=max_new_tokens,
         alpha=alpha,
         eos_token_ids=[tokenizer.eos_token_id],

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from .scoring import IncrementalDecoder, OutputHead, final_hidden_states
+from .scoring import IncrementalDecoder, OutputHead, catch_up, final_hidden_states
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Rollout:
     teacher_logprobs: torch.Tensor  # log p(y_t | y_<t, x)
     sampling_logprobs: torch.Tensor  # log p̃(y_t | y_<t, x): the distribution y_t was actually drawn from
     teacher_hidden: torch.Tensor | None  # teacher final hidden state that predicted y_t (None: no teacher scored)
+    teacher_calls: int = 0  # teacher forwards in the rollout (prompt, catch-ups, final scoring)
 
 
 def mix_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -69,37 +70,34 @@ def sample_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
 
 
-def draw_from_mixture(
-    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor | None, alpha: float, top_k: int, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from `p̃ = α·p + (1-α)·q` (`[B, V]` log-probs in); return `(tokens, log p̃(tokens))`.
-
-    Without top-k / top-p the mixture is never formed over the vocabulary: each row first picks the teacher with
-    probability α (else the student), then a token from that model, which is a draw from `p̃` exactly; `log p̃` is
-    then needed at the drawn token only. Top-k / top-p act on the mixture itself, so they build it in full. With
-    `α = 0`, `teacher_logprobs` may be None: the draw is from the student alone.
-    """
-    if alpha == 0.0:
-        teacher_logprobs = student_logprobs
-    if (top_k and top_k > 0) or top_p < 1.0:
-        sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
-        tokens = sample_from_logprobs(sampling_logprobs)
-        return tokens, sampling_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    if alpha == 0.0:
-        tokens = sample_from_logprobs(student_logprobs)
-        return tokens, student_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    from_teacher = torch.rand(student_logprobs.size(0), 1, device=student_logprobs.device) < alpha
-    tokens = sample_from_logprobs(torch.where(from_teacher, teacher_logprobs, student_logprobs))
-    student_token, teacher_token = (
-        lp.gather(1, tokens[:, None]).squeeze(1) for lp in (student_logprobs, teacher_logprobs)
+@torch.no_grad()
+def token_logprobs_from_hidden(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """`[B, T]` log-probs of `completion_ids` from the final hidden states `[B, T, H]` that predict them, through the
+    model's output head (`OutputHead`), `chunk_size` positions at a time; zero at masked positions."""
+    valid = completion_mask.bool()
+    head = OutputHead(model, vocab_size)
+    valid_hidden, valid_tokens = hidden[valid], completion_ids[valid]
+    token_logprobs = torch.cat(
+        [
+            F.log_softmax(head(valid_hidden[start : start + chunk_size]) / temperature, dim=-1)
+            .gather(1, valid_tokens[start : start + chunk_size, None])
+            .squeeze(1)
+            for start in range(0, valid_tokens.numel(), chunk_size)
+        ]
+        or [hidden.new_zeros(0, dtype=torch.float32)]
     )
-    return tokens, mix_logprobs(student_token, teacher_token, alpha)
-
-
-def _nan_in(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor | None) -> torch.Tensor:
-    """`[2]` booleans: whether the student's / teacher's log-probs contain a NaN (the teacher's: False when None)."""
-    teacher_nan = teacher_logprobs.isnan().any() if teacher_logprobs is not None else student_logprobs.new_zeros((), dtype=torch.bool)
-    return torch.stack([student_logprobs.isnan().any(), teacher_nan])
+    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
+    logprobs[valid] = token_logprobs
+    return logprobs
 
 
 @torch.no_grad()
@@ -120,22 +118,58 @@ def score_completions(
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     hidden = final_hidden_states(model, input_ids, attention_mask)[:, prompt_ids.size(1) - 1 : -1]
-    valid = completion_mask.bool()
-    hidden = hidden * valid[..., None]
-    head = OutputHead(model, vocab_size)
-    valid_hidden, valid_tokens = hidden[valid], completion_ids[valid]
-    token_logprobs = torch.cat(
-        [
-            F.log_softmax(head(valid_hidden[start : start + chunk_size]) / temperature, dim=-1)
-            .gather(1, valid_tokens[start : start + chunk_size, None])
-            .squeeze(1)
-            for start in range(0, valid_tokens.numel(), chunk_size)
-        ]
-        or [hidden.new_zeros(0, dtype=torch.float32)]
-    )
-    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=completion_ids.device)
-    logprobs[valid] = token_logprobs
+    hidden = hidden * completion_mask[..., None].bool()
+    logprobs = token_logprobs_from_hidden(
+        model, hidden, completion_ids, completion_mask,
+        vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size,
+    )  # fmt: skip
     return hidden, logprobs
+
+
+class _TeacherCatchUp:
+    """The teacher of a teacher-mixed rollout, fed lazily (`scoring.catch_up`): when a teacher step needs its
+    distribution it reads the tokens sampled since its last call in one cached forward, and once more after the loop,
+    so that it reads every position once and records the final hidden state that predicts each completion token.
+
+    `rows` are the batch rows in its cache, `fed` the completion columns it has read, `logprobs` its next-token
+    log-probs after them (one row per entry of `rows`), `calls` its forwards so far.
+    """
+
+    def __init__(self, decoder: IncrementalDecoder, prompt_ids, prompt_mask, max_new_tokens: int):
+        hidden, self.logprobs = decoder.start(prompt_ids, prompt_mask)
+        self.decoder = decoder
+        self.rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
+        self.fed = 0
+        self.calls = 1
+        self.hidden = hidden.new_zeros(prompt_ids.size(0), max_new_tokens, hidden.size(-1))
+        self.hidden[:, 0] = hidden
+
+    def catch_up(self, upto: int, completion_ids, completion_mask, active_rows, pad_token_id: int) -> None:
+        """Read completion columns `fed .. upto-1`: `logprobs` then predicts column `upto` for `active_rows`."""
+        if upto == self.fed:  # nothing new: keep the active rows' distributions
+            keep = torch.isin(self.rows, active_rows)
+            if not bool(keep.all()):
+                self.decoder.keep_rows(keep.nonzero().squeeze(1))
+                self.rows, self.logprobs = self.rows[keep], self.logprobs[keep]
+            return
+        fed_rows, hidden, self.logprobs = catch_up(
+            self.decoder, self.rows, self.fed, upto, completion_ids, completion_mask, active_rows, pad_token_id
+        )
+        self.hidden[fed_rows, self.fed + 1 : upto + 1] = hidden
+        self.rows, self.fed = active_rows, upto
+        self.calls += 1
+
+
+def teacher_steps(max_new_tokens: int, alpha: float) -> torch.Tensor:
+    """`[max_new_tokens]` booleans, one coin per decode step for the whole batch: True, with probability α, where the
+    teacher draws the step's tokens. On the CPU, so that reading one costs no device synchronisation."""
+    if alpha in (0.0, 1.0):
+        return torch.full((max_new_tokens,), alpha == 1.0)
+    return torch.rand(max_new_tokens) < alpha
+
+
+def _filtered(top_k: int, top_p: float) -> bool:
+    return bool(top_k and top_k > 0) or top_p < 1.0
 
 
 @torch.no_grad()
@@ -154,8 +188,18 @@ def sample_teacher_mixed(
     top_k: int = 0,
     top_p: float = 1.0,
     drop_ended_rows: tuple[bool, bool] = (True, True),
+    teacher_catch_up: bool = True,
 ) -> Rollout:
     """Sample completions token by token from `α·p + (1-α)·q` (then top-k / top-p if set).
+
+    One coin per decode step, shared by the batch, picks the model that draws the step's tokens (the teacher with
+    probability α): the coins are independent of everything before them, so each row's completion is drawn from
+    `Π_t (α·p_t + (1-α)·q_t)` exactly (docs/algorithm.md). The student runs at every step; the teacher only at its
+    own steps, where it catches up on the tokens since its last call in one cached forward (`teacher_catch_up`,
+    which `verify_scoring` checks per model; else it is fed every token as it is drawn). After the loop it scores the
+    remaining positions the same way, so it sees every position once and `log p` of every token comes from its
+    recorded hidden states. Top-k / top-p act on the mixture itself, which needs `p` at every step: the teacher is
+    then fed every token and the filtered mixture is drawn from directly.
 
     The batch shrinks as rows end: a row that has produced EOS is not fed again (and is dropped from a model's cache
     where `drop_ended_rows` allows it, see `scoring.verify_scoring`).
@@ -169,6 +213,7 @@ def sample_teacher_mixed(
             completions in one parallel forward afterwards.
         eos_token_ids: any of these ends a completion.
         drop_ended_rows: for (student, teacher), whether finished rows can be dropped from the model's cache.
+        teacher_catch_up: whether the teacher may be fed several tokens in one cached forward.
 
     Returns:
         A `Rollout` with `T ≤ max_new_tokens` columns (the loop stops once every row has ended).
@@ -177,63 +222,77 @@ def sample_teacher_mixed(
         raise ValueError("sample_teacher_mixed needs left-padded prompts (the last column must be real tokens).")
     if teacher is None and alpha > 0.0:
         raise ValueError("Teacher-mixed sampling (alpha > 0) needs the teacher in the decode loop; got teacher=None.")
-    teacher_in_loop = alpha > 0.0
-    student_decoder = IncrementalDecoder(student, vocab_size, temperature, drop_ended_rows=drop_ended_rows[0])
-    teacher_decoder = (
-        IncrementalDecoder(teacher, vocab_size, temperature, record_hidden=True, drop_ended_rows=drop_ended_rows[1])
-        if teacher_in_loop
-        else None
-    )
+    filtered = _filtered(top_k, top_p)
+    teacher_every_step = filtered or not teacher_catch_up or alpha == 1.0
     device = prompt_ids.device
     eos = torch.tensor(eos_token_ids, device=device)
-
-    _, student_logprobs = student_decoder.start(prompt_ids, prompt_mask)
-    teacher_hidden, teacher_logprobs = teacher_decoder.start(prompt_ids, prompt_mask) if teacher_in_loop else (None, None)
-    nan_seen = _nan_in(student_logprobs, teacher_logprobs)
-
     batch_size = prompt_ids.size(0)
     completion_ids = torch.full((batch_size, max_new_tokens), pad_token_id, dtype=prompt_ids.dtype, device=device)
     completion_mask = torch.zeros(batch_size, max_new_tokens, dtype=torch.long, device=device)
-    scores = torch.zeros(3, batch_size, max_new_tokens, device=device)  # log q, log p, log p̃ of the sampled tokens
-    hidden = teacher_hidden.new_zeros(batch_size, max_new_tokens, teacher_hidden.size(-1)) if teacher_in_loop else None
+    student_scores = torch.zeros(batch_size, max_new_tokens, device=device)
+    filtered_scores = torch.zeros(batch_size, max_new_tokens, device=device)  # log p̃ of a filtered draw
+
+    student_decoder = IncrementalDecoder(student, vocab_size, temperature, drop_ended_rows=drop_ended_rows[0])
+    _, student_logprobs = student_decoder.start(prompt_ids, prompt_mask)
+    student_nan = student_logprobs.isnan().any()
+    teacher_nan = torch.zeros_like(student_nan)
+    teacher_state = None
+    if alpha > 0.0:
+        teacher_decoder = IncrementalDecoder(
+            teacher, vocab_size, temperature, record_hidden=True, drop_ended_rows=drop_ended_rows[1]
+        )
+        teacher_state = _TeacherCatchUp(teacher_decoder, prompt_ids, prompt_mask, max_new_tokens)
     rows = torch.arange(batch_size, device=device)  # batch rows still generating, in the decoders' order
+    coins = None if filtered else teacher_steps(max_new_tokens, alpha)
     for step in range(max_new_tokens):
-        tokens, sampled_logprobs = draw_from_mixture(student_logprobs, teacher_logprobs, alpha, top_k, top_p)
+        if alpha > 0.0 and (teacher_every_step or bool(coins[step])):
+            teacher_state.catch_up(step, completion_ids, completion_mask, rows, pad_token_id)
+            teacher_nan |= teacher_state.logprobs.isnan().any()
+        if filtered:
+            teacher_logprobs = teacher_state.logprobs if alpha > 0.0 else student_logprobs
+            sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
+            tokens = sample_from_logprobs(sampling_logprobs)
+            filtered_scores[rows, step] = sampling_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        else:
+            tokens = sample_from_logprobs(teacher_state.logprobs if bool(coins[step]) else student_logprobs)
         completion_ids[rows, step] = tokens
         completion_mask[rows, step] = 1
-        scores[0, rows, step] = student_logprobs.gather(1, tokens[:, None]).squeeze(1)
-        scores[2, rows, step] = sampled_logprobs
-        if teacher_in_loop:
-            scores[1, rows, step] = teacher_logprobs.gather(1, tokens[:, None]).squeeze(1)
-            hidden[rows, step] = teacher_hidden
+        student_scores[rows, step] = student_logprobs.gather(1, tokens[:, None]).squeeze(1)
         ended = torch.isin(tokens, eos)
         if step == max_new_tokens - 1 or bool(ended.all()):
             break
         if bool(ended.any()):
             keep = (~ended).nonzero().squeeze(1)
             rows, tokens = rows[keep], tokens[keep]
-            for decoder in (student_decoder, teacher_decoder):
-                if decoder is not None:
-                    decoder.keep_rows(keep)
-        # Feed the sampled token to the models in the loop: one incremental forward each.
+            student_decoder.keep_rows(keep)
+        # Feed the sampled token to the student: one incremental forward.
         _, student_logprobs = student_decoder.step(tokens, pad_token_id)
-        if teacher_in_loop:
-            teacher_hidden, teacher_logprobs = teacher_decoder.step(tokens, pad_token_id)
-        nan_seen |= _nan_in(student_logprobs, teacher_logprobs)
+        student_nan |= student_logprobs.isnan().any()
 
     length = step + 1
     completion_ids, completion_mask = completion_ids[:, :length], completion_mask[:, :length]
-    student_scores, teacher_scores, sampling_scores = scores[:, :, :length]
-    if teacher_in_loop:
-        hidden = hidden[:, :length]
-    elif teacher is None:
-        hidden = None
-    else:
+    student_scores = student_scores[:, :length]
+    teacher_calls = 0
+    if teacher is None:
+        hidden, teacher_scores = None, torch.zeros_like(student_scores)
+    elif teacher_state is None:  # α = 0: the teacher scores every completion position in one parallel forward
         hidden, teacher_scores = score_completions(
             teacher, prompt_ids, prompt_mask, completion_ids, completion_mask,
             vocab_size=vocab_size, temperature=temperature,
         )  # fmt: skip
-        nan_seen[1] = teacher_scores.isnan().any()
+        teacher_calls = 1
+    else:
+        last_column_rows = completion_mask[:, -1].nonzero().squeeze(1)  # rows that reached the last column
+        teacher_state.catch_up(length - 1, completion_ids, completion_mask, last_column_rows, pad_token_id)
+        hidden = teacher_state.hidden[:, :length] * completion_mask[..., None]
+        teacher_scores = token_logprobs_from_hidden(
+            teacher, hidden, completion_ids, completion_mask, vocab_size=vocab_size, temperature=temperature
+        )
+        teacher_calls = teacher_state.calls
+    nan_seen = torch.stack([student_nan, teacher_nan | teacher_scores.isnan().any()])
+    sampling_scores = (
+        filtered_scores[:, :length] if filtered else mix_logprobs(student_scores, teacher_scores, alpha)
+    ) * completion_mask
 
     # Checked once at the end (no extra synchronisation per token): tokens drawn after a NaN are never used.
     if bool(nan_seen.any()):
@@ -250,4 +309,5 @@ def sample_teacher_mixed(
         teacher_logprobs=teacher_scores,
         sampling_logprobs=sampling_scores,
         teacher_hidden=hidden,
+        teacher_calls=teacher_calls,
     )

@@ -436,6 +436,13 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                       verify_scoring(teacher, *teacher_vocab, "teacher", compute_dtype)]  # fmt: skip
         if self.teacher_tokenizer is None:  # a teacher of another tokenizer is scored over all its rows
             check_teacher_mass_past_vocab(checks[1], self.vocab_size)
+        self._teacher_catch_up = checks[1].catch_up
+        if self.args.teacher_mix_alpha > 0 and not checks[1].catch_up:
+            logger.warning(
+                f"The teacher ({type(teacher).__name__}) cannot catch up on several tokens in one cached forward "
+                f"({checks[1].catch_up_error}): teacher-mixed sampling feeds it every sampled token instead, which "
+                "costs one teacher forward per token (docs/performance.md)."
+            )
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _check_distributed_setup(self, args):
@@ -629,6 +636,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
                 top_k=self.top_k,
                 top_p=self.top_p,
                 drop_ended_rows=self._drop_ended_rows,
+                teacher_catch_up=self._teacher_catch_up,
             )
             if mode == "train" and self.args.greedy_probe and self._greedy_probe_due():
                 self._log_greedy_probe(student, prompt_ids, prompt_mask)
@@ -782,6 +790,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         metrics["minillm/reverse_kl"].append(reverse_kl.item())
         metrics["minillm/importance_weight_mean"].append((valid_weights / lengths.sum().clamp(min=1)).item())
         metrics["minillm/importance_weight_max"].append(max_weight.item())
+        metrics["rollout/teacher_calls"].append(rollout.teacher_calls)
         metrics["completions/mean_length"].append(lengths.mean().item())
         metrics["completions/min_length"].append(lengths.min().item())
         metrics["completions/max_length"].append(lengths.max().item())
