@@ -248,17 +248,41 @@ class IncrementalDecoder:
         self.input_ids = prompt_ids
         self.active = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
         inputs = self.model.prepare_inputs_for_generation(prompt_ids, is_first_iteration=True, **self.model_kwargs)
-        return self._forward(inputs)
+        hidden, logprobs = self._forward(inputs)
+        return (hidden[:, -1] if hidden is not None else None), logprobs
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, pad_token_id: int):
         """Feed one token per active row (`[b]`); returns `(hidden [b, H] or None, logprobs [b, V])`."""
+        hidden, logprobs = self.feed(tokens[:, None], pad_token_id)
+        return (hidden[:, -1] if hidden is not None else None), logprobs
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, pad_token_id: int, mask: torch.Tensor | None = None):
+        """Feed `k` tokens per active row (`[b, k]`) in one cached forward, as assisted generation verifies a draft:
+        returns `(hidden [b, k, H] or None, logprobs [b, V])`, the final hidden states at the `k` positions (each
+        predicts the token after it) and the log-probs of the token after the last. `mask` (`[b, k]`, default all
+        ones) marks the fed positions later positions attend to: 0 for the padding after a row's end. `verify_scoring`
+        checks per model that a multi-token feed reproduces the plain forward (`ScoringCheck.catch_up`)."""
         if not self.drop_ended_rows:
-            fed = tokens.new_full((self.input_ids.size(0),), pad_token_id)
+            fed = tokens.new_full((self.input_ids.size(0), tokens.size(1)), pad_token_id)
             fed[self.active] = tokens
             tokens = fed
-        self.input_ids = torch.cat([self.input_ids, tokens[:, None]], dim=1)
-        inputs = self.model.prepare_inputs_for_generation(self.input_ids, next_sequence_length=1, **self.model_kwargs)
+            if mask is not None:
+                mask = torch.zeros_like(fed).index_copy_(0, self.active, mask.to(fed.dtype))
+        count = tokens.size(1)
+        if count > 1:  # the last forward prepared the mask and positions for one new token: extend them to `count`
+            self.model_kwargs = self.model._update_model_kwargs_for_generation(
+                ModelOutput(), self.model_kwargs, num_new_tokens=count - 1
+            )
+        if mask is not None:
+            attention_mask = self.model_kwargs["attention_mask"].clone()
+            attention_mask[:, -count:] = mask
+            self.model_kwargs["attention_mask"] = attention_mask
+        self.input_ids = torch.cat([self.input_ids, tokens], dim=1)
+        inputs = self.model.prepare_inputs_for_generation(
+            self.input_ids, next_sequence_length=count, **self.model_kwargs
+        )
         hidden, logprobs = self._forward(inputs)
         if not self.drop_ended_rows:
             hidden = hidden[self.active] if hidden is not None else None
@@ -282,7 +306,7 @@ class IncrementalDecoder:
         if self.record_hidden:
             with captured_hidden_states(self.model) as box:
                 outputs = self.model(**inputs, return_dict=True)
-            hidden = box["hidden"][:, -1]
+            hidden = box["hidden"]
         else:
             outputs = self.model(**inputs, return_dict=True)
             hidden = None
@@ -291,6 +315,41 @@ class IncrementalDecoder:
         if self.temperature != 1.0:
             logits = logits / self.temperature
         return hidden, F.log_softmax(logits, dim=-1)
+
+
+def catch_up(decoder: IncrementalDecoder, rows, fed: int, upto: int, completion_ids, completion_mask, active_rows,
+             pad_token_id: int):
+    """Feed completion columns `fed .. upto-1` of the batch `rows` held in `decoder` (a model that last read column
+    `fed - 1`, or the prompt), so that it predicts column `upto` for `active_rows`, the rows still generating there.
+
+    One column is one `step` of the rows still generating (those that ended are dropped first, as in token-by-token
+    decoding); several are one cached multi-token forward (`IncrementalDecoder.feed`) of every row in the cache,
+    where a position whose prediction no row needs (at or after its row's end) is masked out, and rows that ended on
+    the way are dropped after it.
+
+    Args:
+        rows: `[b]` batch indices of the decoder's rows, in its order (ascending); `active_rows` a subset of them.
+        completion_ids, completion_mask: `[B, T]` for the whole batch; columns before `upto` are filled.
+
+    Returns:
+        `(fed_rows, hidden [len(fed_rows), upto - fed, H] or None, logprobs [len(active_rows), V])`: the rows fed,
+        their final hidden states at the fed positions (each predicts the next column), and the next-token log-probs
+        after column `upto - 1` of the active rows. Afterwards the decoder holds `active_rows`.
+    """
+    keep = torch.isin(rows, active_rows).nonzero().squeeze(1)
+    if upto - fed == 1 and keep.numel() < rows.numel():
+        decoder.keep_rows(keep)
+        rows, keep = rows[keep], torch.arange(keep.numel(), device=keep.device)
+    columns = slice(fed, upto)
+    needed = None
+    if upto - fed > 1:
+        needed = completion_mask[rows, fed + 1 : upto + 1].clone()
+        needed[:, -1] = torch.isin(rows, active_rows).to(needed.dtype)
+    hidden, logprobs = decoder.feed(completion_ids[rows, columns], pad_token_id, needed)
+    if keep.numel() < rows.numel():
+        decoder.keep_rows(keep)
+        logprobs = logprobs[keep]
+    return rows, hidden, logprobs
 
 
 # ----------------------------------------------------------------------------------------------- start-up probe
@@ -446,13 +505,15 @@ def measure_noise_floor(
 @dataclass
 class ScoringCheck:
     """What `verify_scoring` found: whether finished rows can be dropped from the model's cache while decoding, the
-    largest next-token probability the model put on its vocabulary rows past the shared ones, and the figures it
-    judged by: the model's `noise` floor (its `tolerance` is what any other computation of the same scores must stay
-    within), and the `distribution_discrepancy` from the plain forward of the output head and of the decoding
-    chosen."""
+    largest next-token probability the model put on its vocabulary rows past the shared ones, whether it can catch up
+    on several tokens in one cached forward, and the figures it judged by: the model's `noise` floor (its `tolerance`
+    is what any other computation of the same scores must stay within), and the `distribution_discrepancy` from the
+    plain forward of the output head and of the decoding chosen."""
 
     drop_ended_rows: bool
     mass_past_vocab: float = 0.0
+    catch_up: bool = True  # several tokens can be fed in one cached forward (`catch_up`), as the teacher is
+    catch_up_error: str | None = None  # why not, when not
     noise: NoiseFloor | None = None
     head_discrepancy: float = 0.0
     decode_discrepancy: float = 0.0
@@ -477,9 +538,10 @@ def _probe_batch(vocab_size: int, pad_token_id: int, device):
     return [tensor.to(device) for tensor in (prompt_ids, prompt_mask, completion_ids, completion_mask)]
 
 
-def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows) -> float:
-    """Teacher-force the probe completions through `IncrementalDecoder`; the largest `distribution_discrepancy` of its
-    log-probs, and of the head applied to its recorded hidden states, from a full forward's."""
+def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds=None) -> float:
+    """Teacher-force the probe completions through `IncrementalDecoder` with `catch_up`, `feeds` columns at a time
+    (default: one, token by token); the largest `distribution_discrepancy` of its log-probs, and of the head applied
+    to its recorded hidden states, from a full forward's."""
     prompt_ids, prompt_mask, completion_ids, completion_mask = batch
     input_ids = torch.cat([prompt_ids, completion_ids], 1)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1)
@@ -491,21 +553,27 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows)
     decoder = IncrementalDecoder(model, vocab_size, record_hidden=True, drop_ended_rows=drop_ended_rows)
     hidden, logprobs = decoder.start(prompt_ids, prompt_mask)
     rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
-    worst = 0.0
     lengths = completion_mask.sum(1)
-    for step in range(completion_ids.size(1)):
-        if step > 0:
-            keep = (lengths[rows] > step).nonzero().squeeze(1)
-            if keep.numel() < rows.numel():
-                decoder.keep_rows(keep)
-                rows = rows[keep]
-            hidden, logprobs = decoder.step(completion_ids[rows, step - 1], pad_token_id)
-        from_head = F.log_softmax(head(hidden), dim=-1)
-        worst = max(
-            worst,
-            distribution_discrepancy(expected[rows, step], logprobs),
-            distribution_discrepancy(expected[rows, step], from_head),
+    worst = max(
+        distribution_discrepancy(expected[:, 0], logprobs),
+        distribution_discrepancy(expected[:, 0], F.log_softmax(head(hidden), dim=-1)),
+    )
+    fed = 0
+    for count in feeds or [1] * (completion_ids.size(1) - 1):
+        upto = fed + count
+        active = (lengths > upto).nonzero().squeeze(1)
+        fed_rows, hidden, logprobs = catch_up(
+            decoder, rows, fed, upto, completion_ids, completion_mask, active, pad_token_id
         )
+        # `hidden[:, j]` predicts column fed + 1 + j: compare where that column is a token of the row.
+        columns = torch.arange(fed + 1, upto + 1, device=rows.device)
+        predicted = lengths[fed_rows, None] > columns
+        from_head = F.log_softmax(head(hidden[predicted]), dim=-1)
+        expected_at = expected[fed_rows[:, None].expand_as(predicted)[predicted], columns.expand_as(predicted)[predicted]]
+        worst = max(worst, distribution_discrepancy(expected_at, from_head))
+        if active.numel():
+            worst = max(worst, distribution_discrepancy(expected[active, upto], logprobs))
+        rows, fed = active, upto
     return worst
 
 
@@ -543,8 +611,10 @@ def verify_scoring(
         for drop_ended_rows in (True, False):
             errors[drop_ended_rows] = [probe.decode_discrepancy(drop_ended_rows) for probe in probes]
             if all(probe.accepts(error) for probe, error in zip(probes, errors[drop_ended_rows])):
+                catch_up_error = next(filter(None, (probe.catch_up_error(drop_ended_rows) for probe in probes)), None)
                 return ScoringCheck(
-                    drop_ended_rows, probes[-1].mass_past_vocab, noise=probes[-1].noise,
+                    drop_ended_rows, probes[-1].mass_past_vocab, catch_up_error is None, catch_up_error,
+                    noise=probes[-1].noise,
                     head_discrepancy=probes[-1].head_discrepancy, decode_discrepancy=errors[drop_ended_rows][-1],
                 )  # fmt: skip
         failed = next(i for i, probe in enumerate(probes) if not all(probe.accepts(e[i]) for e in errors.values()))
@@ -614,6 +684,29 @@ class _ForwardProbe:
                 )
         except Exception as error:  # a cache that cannot be reordered, a model that cannot decode step by step
             return f"{type(error).__name__}: {error}"
+
+    def catch_up_error(self, drop_ended_rows: bool) -> str | None:
+        with self.precision():
+            tolerance = self.noise.tolerance
+            return _catch_up_error(self.lm, self.vocab_size, self.pad_token_id, self.batch, self.head, drop_ended_rows,
+                                   tolerance)  # fmt: skip
+
+
+# Columns fed per `catch_up` call: a multi-token feed after a token-by-token one (rows dropped from the cache before
+# it, one ending inside it), and one at the start followed by a single token.
+CATCH_UP_SCHEDULES = ((1, 2), (2, 1))
+
+
+def _catch_up_error(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, tolerance) -> str | None:
+    """None when multi-token cached feeds (`CATCH_UP_SCHEDULES`) reproduce the full forward, else what differed."""
+    for feeds in CATCH_UP_SCHEDULES:
+        try:
+            error = _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds)
+        except Exception as exception:  # a cache or forward that takes one new token at a time only
+            return f"feeding {feeds} tokens at a time raises {type(exception).__name__}: {exception}"
+        if not error <= tolerance:
+            return f"feeding {feeds} tokens at a time, its log-probs differ from its forward by up to {error:.3g}"
+    return None
 
 
 def _describe(error) -> str:
