@@ -1,6 +1,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers.cache_utils import Cache
 
 from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
@@ -164,9 +165,11 @@ def test_probe_refuses_a_model_whose_incremental_scores_differ_from_its_forward(
     model = make_student().eval()
     forward = type(model).forward
 
-    def forward_off_when_cached(self, *args, past_key_values=None, **kwargs):
-        output = forward(self, *args, past_key_values=past_key_values, **kwargs)
-        if past_key_values is not None and past_key_values.get_seq_length() > 1:
+    def forward_off_when_cached(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        # The cache by type: transformers renamed its argument from `past_key_values` to `cache` in 5.24.
+        cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+        if cache is not None and cache.get_seq_length() > 1:
             output.logits = output.logits * 2.0  # a cache path that computes something else
         return output
 
