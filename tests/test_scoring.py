@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -5,11 +7,14 @@ from transformers.cache_utils import Cache
 
 from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
+    NOISE_MULTIPLE,
     OutputHead,
     ScoringCheck,
     check_teacher_mass_past_vocab,
+    distribution_discrepancy,
     final_hidden_states,
     language_model_backbone,
+    measure_noise_floor,
     output_logits,
     padded_vocab_limit,
     position_ids_from_mask,
@@ -20,6 +25,7 @@ from rkd_trl.scoring import (
 from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
 from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
+from defects import DEFECTS, reordered_cache_loses_a_row
 
 
 def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):
@@ -203,3 +209,65 @@ def test_probe_checks_the_hidden_states_as_the_losses_compute_them(monkeypatch):
     )
     with pytest.raises(ValueError, match="cannot be scored"):
         verify_scoring(tiny_model("gemma4_text"), VOCAB_SIZE, 0, "teacher")
+
+
+def test_distribution_discrepancy_is_the_expected_log_prob_error_of_a_sampled_token():
+    expected = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]).log()
+    got = torch.tensor([[0.25, 0.5, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]]).log()
+    # By hand: 0.5·|ln 0.5 − ln 0.25| + 0.25·|ln 0.25 − ln 0.5| + 0.25·0 (+ the impossible token: 0) = 0.75 ln 2.
+    assert distribution_discrepancy(expected, got) == pytest.approx(0.75 * math.log(2), rel=1e-6)
+    assert distribution_discrepancy(expected[1:], got[1:]) == 0.0
+    total_variation = 0.5 * (expected.exp() - got.exp()).abs().sum(-1).max().item()
+    assert total_variation == pytest.approx(0.25) and total_variation <= distribution_discrepancy(expected, got)
+    assert math.isnan(distribution_discrepancy(expected, torch.full_like(got, float("nan"))))
+
+
+# (compute_dtype under autocast, weights' dtype): float32, bf16 and fp16 autocast over float32 weights, bf16 weights.
+PRECISIONS = {
+    "float32": (None, torch.float32),
+    "bf16 autocast": (torch.bfloat16, torch.float32),
+    "fp16 autocast": (torch.float16, torch.float32),
+    "bf16 weights": (None, torch.bfloat16),
+}
+
+
+def test_noise_floor_is_measured_in_the_precision_the_model_computes_in():
+    model = tiny_model("llama")
+    ids, mask = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0)), torch.ones(2, 6)
+    floors = {}
+    for name, (compute_dtype, weights) in PRECISIONS.items():
+        noise = measure_noise_floor(model.to(weights), ids, mask, VOCAB_SIZE, compute_dtype)
+        assert noise.dtype == (compute_dtype or weights) and noise.tolerance == NOISE_MULTIPLE * noise.floor
+        assert 0 < noise.minimum <= noise.floor and noise.sources["rounded anew"] > 0
+        assert ("float32" in noise.sources) is (compute_dtype is not None)  # autocast over float32 weights
+        floors[name] = noise.floor
+    assert floors["float32"] < 1e-5 < floors["fp16 autocast"] < floors["bf16 autocast"] < 0.01
+
+
+def test_probe_accepts_a_correct_model_in_every_precision_and_says_by_what_margin():
+    for name, (compute_dtype, weights) in PRECISIONS.items():
+        check = verify_scoring(tiny_model("llama").to(weights), VOCAB_SIZE, 0, "student", compute_dtype)
+        assert check.drop_ended_rows and check.noise.dtype == (compute_dtype or weights), name
+        assert check.decode_discrepancy <= check.noise.floor <= check.noise.tolerance, name
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_probe_refuses_injected_defects_in_every_precision(defect, precision):
+    """Weights large enough that the next-token distributions are far from uniform, as a trained model's are (at the
+    default initialisation, an off-by-one position changes them by less than bf16 rounding)."""
+    model_type, inject = DEFECTS[defect]
+    compute_dtype, weights = PRECISIONS[precision]
+    model = tiny_model(model_type, initializer_range=0.2).to(weights)
+    verify_scoring(model, VOCAB_SIZE, 0, "student", compute_dtype)  # the model itself is accepted
+    message = "cannot be scored from its hidden states" if "head" in defect else "cannot be decoded token by token"
+    with inject(model), pytest.raises(ValueError, match=f"{message}.* rounding noise in .* is "):
+        verify_scoring(model, VOCAB_SIZE, 0, "student", compute_dtype)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_probe_keeps_finished_rows_when_dropping_them_loses_a_rows_state(precision):
+    compute_dtype, weights = PRECISIONS[precision]
+    model = tiny_model("llama", initializer_range=0.2).to(weights)
+    with reordered_cache_loses_a_row():
+        assert verify_scoring(model, VOCAB_SIZE, 0, "student", compute_dtype).drop_ended_rows is False
