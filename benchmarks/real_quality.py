@@ -37,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from rkd_trl.metrics import bootstrap_interval  # noqa: E402  (after the settings above: it imports transformers)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
 STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
@@ -382,16 +384,6 @@ def prompt_scores(results: dict, method: str, learning_rate: float | None = None
     references = [[answer] for answer in results["teacher"]["greedy_answers"]]
     per_seed = [rouge_l_scores(run["greedy_answers"], references) for run in groups]
     return [100.0 * statistics.fmean(scores) for scores in zip(*per_seed, strict=True)], len(groups)
-
-
-def bootstrap_interval(statistic, n: int, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of `statistic(indices)` over `n` prompts, resampled with replacement
-    `resamples` times from a fixed seed."""
-    import random
-
-    rng = random.Random(seed)
-    draws = sorted(statistic(rng.choices(range(n), k=n)) for _ in range(resamples))
-    return draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
 
 
 def paired_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:

@@ -147,6 +147,16 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
+def bootstrap_interval(statistic, n: int, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `statistic(indices)` over `n` items (prompts, problems), resampled with
+    replacement `resamples` times from a fixed seed."""
+    import random
+
+    rng = random.Random(seed)
+    draws = sorted(statistic(rng.choices(range(n), k=n)) for _ in range(resamples))
+    return draws[int(0.025 * resamples)], draws[int(0.975 * resamples) - 1]
+
+
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct-n: unique white-space n-grams over all n-grams in `texts` (0 when there are none)."""
     ngrams = [tuple(words[i : i + n]) for words in map(str.split, texts) for i in range(len(words) - n + 1)]
