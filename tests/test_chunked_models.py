@@ -124,7 +124,7 @@ def tiny_chunked_model(tmp_path, monkeypatch):
 def test_the_chunks_become_an_ordinary_model_folder_equal_to_the_gguf(tiny_chunked_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec, source, tensors = tiny_chunked_model
+    _, source, tensors = tiny_chunked_model
     folder = chunked_model_path("tiny-qwen2", tmp_path / "cache")
     assert folder == tmp_path / "cache" / "tiny-qwen2" and not list(folder.glob("*.gguf"))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
@@ -213,7 +213,9 @@ def test_the_two_qwen_coder_models_share_their_tokenizer_and_chat_format():
     folders = {name: chunked_model_path(name) for name in CHUNKED_MODELS}
     tokenizers = {name: AutoTokenizer.from_pretrained(folder) for name, folder in folders.items()}
     vocabularies = [json.loads((folder / "tokenizer.json").read_text())["model"] for folder in folders.values()]
-    assert vocabularies[0]["vocab"] == vocabularies[1]["vocab"] and vocabularies[0]["merges"] == vocabularies[1]["merges"]
+    assert (
+        vocabularies[0]["vocab"] == vocabularies[1]["vocab"] and vocabularies[0]["merges"] == vocabularies[1]["merges"]
+    )
     for name, tokenizer in tokenizers.items():
         record = json.loads((folders[name] / models.SOURCE_FILE).read_text())
         assert record["header"]["tensor_count"] == CHUNKED_MODELS[name].tensor_count

