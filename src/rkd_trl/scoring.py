@@ -283,7 +283,7 @@ class IncrementalDecoder:
         inputs = self.model.prepare_inputs_for_generation(
             self.input_ids, next_sequence_length=count, **self.model_kwargs
         )
-        hidden, logprobs = self._forward(inputs)
+        hidden, logprobs = self._forward(inputs, count)
         if not self.drop_ended_rows:
             hidden = hidden[self.active] if hidden is not None else None
             logprobs = logprobs[self.active]
@@ -302,11 +302,13 @@ class IncrementalDecoder:
             elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == batch_size:
                 self.model_kwargs[name] = value[rows]
 
-    def _forward(self, inputs):
+    def _forward(self, inputs, new_positions: int | None = None):
+        """Run the model; returns the final hidden states of the last `new_positions` positions (all: None) and the
+        next-token log-probs after the last. A model without a cache is fed its whole sequence again."""
         if self.record_hidden:
             with captured_hidden_states(self.model) as box:
                 outputs = self.model(**inputs, return_dict=True)
-            hidden = box["hidden"]
+            hidden = box["hidden"] if new_positions is None else box["hidden"][:, -new_positions:]
         else:
             outputs = self.model(**inputs, return_dict=True)
             hidden = None
