@@ -3,6 +3,7 @@ rises past its threshold for consecutive logs, and on by default in the trainer.
 
 import logging
 
+import pytest
 from transformers import TrainerControl, TrainerState
 
 from rkd_trl import DegenerationGuard, ReverseKLDistillTrainer
@@ -95,12 +96,28 @@ def test_the_greedy_probe_answers_the_same_prompts_at_every_logging_step(
         return sample(student, teacher_model, prompt_ids, prompt_mask, **kwargs)
 
     monkeypatch.setattr(trainer_module, "sample_teacher_mixed", recording)
-    args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2)
+    args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2,
+                       greedy_probe_steps=1)  # fmt: skip
     trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
                                       train_dataset=task.prompt_dataset(repeats=3), processing_class=tokenizer)  # fmt: skip
     trainer.train()
     assert len(probed) == 3 and len({str(rollout) for rollout in rollouts}) > 1  # the batches differ
     assert probed == [rollouts[0]] * 3
+
+
+@pytest.mark.parametrize("logging_steps, probe_steps, probed_logs", [(1, 3, [1, 4, 7]), (2, 3, [2, 6]), (4, 1, [4, 8])])
+def test_the_greedy_probe_runs_on_its_own_schedule_at_logging_steps(
+    make_config, make_student, teacher, tokenizer, task, logging_steps, probe_steps, probed_logs
+):
+    """Every `greedy_probe_steps` steps at the soonest, and only at logging steps (its figures land in that log):
+    with `logging_steps=1` the probe costs one greedy decode per `greedy_probe_steps` steps, not one per step."""
+    args = make_config(logging_steps=logging_steps, greedy_probe_steps=probe_steps, max_steps=8, max_new_tokens=4,
+                       per_device_train_batch_size=2, learning_rate=0.0)  # fmt: skip
+    trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
+                                      train_dataset=task.prompt_dataset(repeats=3), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    logged = [entry["step"] for entry in trainer.state.log_history if "completions/greedy_repeated_4grams" in entry]
+    assert logged == probed_logs
 
 
 def test_the_greedy_probe_leaves_training_as_it_is_without_it(make_config, make_student, teacher, tokenizer, task):
@@ -110,7 +127,7 @@ def test_the_greedy_probe_leaves_training_as_it_is_without_it(make_config, make_
     def final_weights(probe):
         torch.manual_seed(0)
         args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2,
-                           greedy_probe=probe, learning_rate=1e-2)  # fmt: skip
+                           greedy_probe=probe, greedy_probe_steps=1, learning_rate=1e-2)  # fmt: skip
         trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
                                           train_dataset=task.prompt_dataset(repeats=3), processing_class=tokenizer)  # fmt: skip
         trainer.train()

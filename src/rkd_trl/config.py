@@ -166,9 +166,14 @@ class ReverseKLDistillConfig(DistillationConfig):
     )
     greedy_probe: bool = field(
         default=True,
-        metadata={"help": "At each logging step, decode the first logged step's prompts greedily (student alone) "
-                  "and log completions/greedy_repeated_4grams and completions/greedy_clipped_ratio "
-                  "(DegenerationGuard)."},
+        metadata={"help": "At a logging step every `greedy_probe_steps` steps, decode the first probed step's prompts "
+                  "greedily (student alone) and log completions/greedy_repeated_4grams and "
+                  "completions/greedy_clipped_ratio (DegenerationGuard)."},
+    )
+    greedy_probe_steps: int = field(
+        default=20,
+        metadata={"help": "Fewest optimizer steps between two greedy probes: bounds the probe's cost (one greedy "
+                  "decode of a batch) to a small share of the steps whatever `logging_steps` is."},
     )
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}
@@ -245,6 +250,7 @@ class ReverseKLDistillConfig(DistillationConfig):
                 f"lm_loss_weight must be >= 0 or None, got {self.lm_loss_weight}.",
             ),
             (self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}."),
+            (self.greedy_probe_steps >= 1, f"greedy_probe_steps must be >= 1, got {self.greedy_probe_steps}."),
             (
                 self.max_consecutive_nonfinite_steps >= 0,
                 f"max_consecutive_nonfinite_steps must be >= 0, got {self.max_consecutive_nonfinite_steps}.",

@@ -6,7 +6,7 @@ The reverse KL estimate keeps falling while the answers get worse, so the loss c
 real model (docs/benchmarks.md), the sampled training rollouts hardly show it either (their repeated 4-grams stayed
 below 0.02 while the student's greedy answers' rose from 0.19 to 0.39): its most likely answer loops first. The
 trainer logs both, the rollouts' (`completions/repeated_4grams`, `completions/clipped_ratio`) and, with
-`greedy_probe`, those of the student's greedy answers to the same prompts at every logging step
+`greedy_probe`, those of the student's greedy answers to the same prompts every `greedy_probe_steps` steps
 (`completions/greedy_*`). `DegenerationGuard` compares each logged value with the first one of the run and warns
 once per signal when it has risen past its threshold in `threshold_logs` consecutive logs."""
 

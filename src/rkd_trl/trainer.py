@@ -324,6 +324,7 @@ class ReverseKLDistillTrainer(DistillationTrainer):
         self.lm_dataset = lm_dataset
         self._lm_batches = None
         self._probe_prompts = None  # the greedy probe's prompts: those of its first rollout
+        self._last_probed_step = None  # the step whose log carried the last greedy probe
         self._pending_loss_metrics = {}
         self._window_nonfinite = None  # NaN/inf seen in a loss of the current optimizer step (a device tensor)
         self._nonfinite_streak = 0
@@ -732,18 +733,25 @@ class ReverseKLDistillTrainer(DistillationTrainer):
             epoch += 1
 
     def _greedy_probe_due(self) -> bool:
-        """Whether one of the optimizer steps this rollout trains (`ppo_epochs` of them) will be logged, so that the
-        greedy probe's figures land in that log."""
+        """Whether to probe in this rollout: one of the optimizer steps it trains (`ppo_epochs` of them) will be
+        logged, so that the probe's figures land in that log, at least `greedy_probe_steps` steps after the step whose
+        log carried the last probe. The same on every process (it depends on the step only)."""
         steps = self.args.logging_steps
         if steps < 1:  # a fraction of max_steps, as transformers reads it
             steps = max(1, math.ceil(self.state.max_steps * steps))
         step = self.state.global_step
-        return any((step + i) % int(steps) == 0 for i in range(1, self.args.ppo_epochs + 1))
+        logged = [step + i for i in range(1, self.args.ppo_epochs + 1) if (step + i) % int(steps) == 0]
+        if not logged:
+            return False
+        if self._last_probed_step is not None and logged[-1] - self._last_probed_step < self.args.greedy_probe_steps:
+            return False
+        self._last_probed_step = logged[-1]
+        return True
 
     @torch.no_grad()
     def _log_greedy_probe(self, student, prompt_ids, prompt_mask):
         """Greedy answers of the student alone to the prompts of the first probed rollout (kept, on each process, and
-        probed again at every logging step): their repeated 4-grams and the share cut off at `max_completion_length`.
+        probed again at every probe): their repeated 4-grams and the share cut off at `max_completion_length`.
         A student that starts to loop does so in its most likely answer (what greedy decoding and low temperatures
         return) before its samples at temperature 1 show it. The same prompts every time make a change in the figures
         a change in the student, not in the prompts drawn (8 prompts vary a lot)."""
