@@ -1,10 +1,13 @@
 """The family tables of docs/architectures.md, rendered from the architecture catalog of the tests (a generated block,
 see docs/generated.py; `PYTHONPATH=src python docs/generated.py` rewrites it).
 
-The catalog (tests/architectures.py) holds every family of the installed transformers' causal-LM mapping: the
-decoder-only text families, among them those the start-up probe refuses and those whose finished rows stay in the
-batch, and the excluded families with the reason. tests/test_architectures.py checks that the probe returns exactly
-that for every family, and tests/test_docs.py that the page holds this rendering.
+The catalog (tests/architectures.py) holds every family of the causal-LM mapping of every supported transformers
+release: the decoder-only text families, among them those the start-up probe refuses and those whose finished rows
+stay in the batch, the excluded families with the reason, and the release that added each family newer than the
+oldest supported one. tests/test_architectures.py checks that the installed release ships exactly the families the
+catalog lists for it and that the probe returns what the catalog says for each of them; tests/test_docs.py that the
+page holds this rendering. The rendering is the same on every supported release: the classes of the families the
+installed one lacks come from the catalog.
 """
 
 import importlib.util
@@ -29,29 +32,42 @@ def status(catalog, model_type: str) -> str:
     return "supported"
 
 
+def releases(catalog, model_type: str) -> str:
+    """The supported transformers releases that ship the family."""
+    if model_type in catalog.ADDED:
+        return f"{catalog.ADDED[model_type].release} and later"
+    return "all"
+
+
 def family_tables() -> str:
-    """Markdown: a summary line, the catalogued families with their status, the excluded families with the reason."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CLASSES
+    """Markdown: a summary line, the catalogued families with the releases that ship them and their status, the
+    excluded families with the reason."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as INSTALLED
 
     catalog = load_catalog()
+    classes = {**INSTALLED, **{name: added.causal_lm_class for name, added in catalog.ADDED.items()}}
     families = sorted(catalog.ARCHITECTURES)
     refused = [name for name in families if name in catalog.REFUSED]
+    specifiers = sorted(map(str, catalog.supported_transformers()), key=lambda spec: not spec.startswith(">"))
     rows = [
-        f"transformers {transformers.__version__}: {len(families) - len(refused)} families supported "
+        f"transformers {', '.join(specifiers)} (setup.cfg): {len(families) - len(refused)} families supported "
         f"({len(catalog.KEEPS_ENDED_ROWS)} of them keeping finished rows), {len(refused)} refused, "
-        f"{len(catalog.EXCLUDED)} excluded.",
+        f"{len(catalog.EXCLUDED)} excluded. The *releases* column says which supported releases ship a family: all, "
+        f"or those from the one that added it ({len(catalog.ADDED)} families are newer than "
+        f"{catalog.oldest_supported_transformers()}).",
         "",
-        "| family (`model_type`) | causal-LM class | status |",
-        "|---|---|---|",
-        *(f"| `{name}` | `{CLASSES[name]}` | {status(catalog, name)} |" for name in families),
+        "| family (`model_type`) | causal-LM class | releases | status |",
+        "|---|---|---|---|",
+        *(f"| `{name}` | `{classes[name]}` | {releases(catalog, name)} | {status(catalog, name)} |"
+          for name in families),
         "",
         "Excluded (not decoder-only text language models):",
         "",
-        "| family (`model_type`) | causal-LM class | reason |",
-        "|---|---|---|",
-        *(f"| `{name}` | `{CLASSES[name]}` | {catalog.EXCLUDED[name]} |" for name in sorted(catalog.EXCLUDED)),
-    ]
+        "| family (`model_type`) | causal-LM class | releases | reason |",
+        "|---|---|---|---|",
+        *(f"| `{name}` | `{classes[name]}` | {releases(catalog, name)} | {catalog.EXCLUDED[name]} |"
+          for name in sorted(catalog.EXCLUDED)),
+    ]  # fmt: skip
     return "\n".join(rows)
 
 

@@ -1,18 +1,24 @@
 """Tiny models of every decoder-only text causal-LM family transformers ships, built from config (random weights,
 nothing downloaded).
 
-`ARCHITECTURES` holds every `model_type` of the installed transformers' `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` that is a
-decoder-only text language model, `EXCLUDED` every other one with the reason (families that exist only as remote
-code, `trust_remote_code=True`, are not in the mapping), `REFUSED` the families the start-up probe refuses, with the
-evidence. `tiny_model(model_type)` builds a model small enough for CPU tests: 2 layers, hidden size 32, vocabulary 64,
-with the family's own extras (experts, state sizes, low-rank attention, ...) shrunk to match, sliding windows of 4
-tokens (shorter than the test sequences, so that windowed attention and its cache are exercised) and, for hybrid
-families, one layer of each kind.
+`ARCHITECTURES` holds every `model_type` of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` that is a decoder-only text language
+model, in every supported transformers release (the range of setup.cfg), `EXCLUDED` every other one with the reason
+(families that exist only as remote code, `trust_remote_code=True`, are not in the mapping), `ADDED` the families that
+only later releases than the oldest supported one ship (`ships` tells whether the installed one does), `REFUSED` the
+families the start-up probe refuses, with the evidence. `tiny_model(model_type)` builds a model small enough for CPU
+tests: 2 layers, hidden size 32, vocabulary 64, with the family's own extras (experts, state sizes, low-rank
+attention, ...) shrunk to match, sliding windows of 4 tokens (shorter than the test sequences, so that windowed
+attention and its cache are exercised) and, for hybrid families, one layer of each kind.
 """
 
+import configparser
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import transformers
+from packaging.requirements import Requirement
+from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rkd_trl.synthetic import build_tokenizer
@@ -58,6 +64,7 @@ ARCHITECTURES = {
     "afmoe": dict(layer_types=SLIDING_AND_FULL, sliding_window=WINDOW, num_experts=4, num_experts_per_tok=2,
                   moe_intermediate_size=16),
     "apertus": {},
+    "apertus1p5_text": {},
     "arcee": {},
     "aria_text": dict(moe_num_experts=4, moe_intermediate_size=16),
     "axk1": dict(**LOW_RANK_ATTENTION, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
@@ -112,6 +119,9 @@ ARCHITECTURES = {
                         mlp_layer_types=["hash_moe", "moe"]),
     "diffllama": {},
     "doge": dict(num_experts=16, num_experts_per_tok=2, keep_window_size=WINDOW),
+    # Input, recurrent and output sections of one layer each; the recurrent one runs twice (one KV cache per loop).
+    "dory": dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                 sliding_window=WINDOW, n_input_layers=1, n_output_layers=1, n_recurrent_loops=2),
     "dots1": dict(layer_types=SLIDING_AND_FULL, sliding_window=WINDOW, n_routed_experts=4, num_experts_per_tok=2,
                   n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=1),
     "dots3_note_text": dict(LOW_RANK_ATTENTION, head_dim=8, **SPARSE_INDEXER, n_routed_experts=4,
@@ -121,6 +131,7 @@ ARCHITECTURES = {
     "emu3": dict(text_config=dict(COMMON)),  # Emu3ForCausalLM is its text model, configured under text_config
     "ernie4_5": {},
     "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=1),
+    "exaone": {},
     "exaone4": dict(layer_types=SLIDING_AND_FULL, sliding_window=WINDOW),
     "exaone_moe": dict(layer_types=SLIDING_AND_FULL, sliding_window=WINDOW, num_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=16, mlp_layer_types=["dense", "sparse"]),
@@ -176,9 +187,17 @@ ARCHITECTURES = {
     "hy_v4": dict(**LOW_RANK_ATTENTION, **SPARSE_INDEXER, n_routed_experts=4, num_experts_per_tok=2,
                   moe_intermediate_size=16, mlp_layer_types=["dense", "sparse"], indexer_types=["full", "shared"]),
     "hyperclovax": dict(logits_scaling=4.0),
+    # unpadded_vocab_size: the output head's width from 5.24 on (the rows of real tokens before; 200,058 by default).
+    "inkling2_loop_text": dict(num_hidden_layers=3, layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding"],
+                               swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+                               sliding_window_size=WINDOW, rel_extent=16, n_routed_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=16, unpadded_vocab_size=VOCAB_SIZE, n_layers_per_attn_res_block=1,
+                               loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2,
+                               loop_gate_rank=4),  # the middle layer runs twice
     "inkling2_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
                           sliding_window_size=WINDOW, rel_extent=16, layer_types=["hybrid_sliding", "hybrid"],
-                          n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+                          n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                          unpadded_vocab_size=VOCAB_SIZE),
     "inkling_text": dict(swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
                          sliding_window_size=WINDOW, rel_extent=16, layer_types=["hybrid_sliding", "hybrid"],
                          n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
@@ -198,6 +217,10 @@ ARCHITECTURES = {
     "laguna": dict(layer_types=SLIDING_AND_FULL, sliding_window=WINDOW, num_attention_heads_per_layer=[4, 4],
                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
                    mlp_layer_types=["dense", "sparse"]),
+    "lara_mini": dict(num_hidden_layers=3, layer_types=["linear_attention", "sliding_attention", "full_attention"],
+                      sliding_window=WINDOW, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                      linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=16),
     "lfm2": dict(layer_types=["conv", "full_attention"]),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=16, num_dense_layers=1),
@@ -271,6 +294,9 @@ ARCHITECTURES = {
                      axial_pos_embds_dim=[16, 16], feed_forward_size=64, local_attn_chunk_length=WINDOW,
                      lsh_attn_chunk_length=WINDOW),  # is_decoder: causal attention
     "rwkv": dict(attention_hidden_size=32, context_length=64),
+    "sarvam_mla": dict(**LOW_RANK_ATTENTION, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                       moe_intermediate_size=16, first_k_dense_replace=1),
+    "sarvam_moe": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1),
     "seed_oss": {},
     "smollm3": dict(no_rope_layers=[1, 0], use_sliding_window=True, sliding_window=WINDOW),
     "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
@@ -295,6 +321,12 @@ ARCHITECTURES = {
 # Families whose cache cannot drop finished rows (their state lives outside a reorderable `Cache`): the probe finds
 # that keeping the rows, fed padding, reproduces their forward.
 KEEPS_ENDED_ROWS = {"recurrent_gemma", "xlstm"}
+
+# Families whose teacher is fed every sampled token: the probe finds that a multi-token cached forward does not
+# reproduce their plain forward (SSM and recurrent states updated by a chunked scan over several new tokens, which
+# differs from their token-by-token recurrence; OpenAI GPT has no cache and is fed its whole sequence at every call),
+# so teacher-mixed sampling cannot let them catch up (docs/algorithm.md).
+FEEDS_EVERY_TOKEN = {"falcon_mamba", "jamba", "mamba", "openai-gpt", "recurrent_gemma"}
 
 
 class Refusal(NamedTuple):
@@ -389,6 +421,48 @@ EXCLUDED = {
     "gemma4_unified_assistant": "speculative-decoding drafter: it runs on its target model's embeddings and KV states",
     "xlnet": "permutation language model (two-stream attention over a memory), not left-to-right decoding",
 }  # fmt: skip
+
+
+class Added(NamedTuple):
+    """A family that the oldest supported transformers does not ship: the first release that does, and the causal-LM
+    class it maps the family to there."""
+
+    release: str
+    causal_lm_class: str
+
+
+# Every family of ARCHITECTURES and EXCLUDED that is not in the oldest supported release (the floor of setup.cfg).
+# tests/test_architectures.py checks, on the installed release, that exactly the families listed for it are in the
+# mapping, with these classes.
+ADDED = {
+    "apertus1p5_text": Added("5.24.0", "Apertus1p5TextForCausalLM"),
+    "dory": Added("5.24.0", "DoryForCausalLM"),
+    "exaone": Added("5.24.0", "LlamaForCausalLM"),
+    "inkling2_loop_text": Added("5.24.0", "Inkling2LoopForCausalLM"),
+    "lara_mini": Added("5.24.0", "LaraMiniForCausalLM"),
+    "sarvam_mla": Added("5.24.0", "DeepseekV3ForCausalLM"),
+    "sarvam_moe": Added("5.24.0", "Glm4MoeForCausalLM"),
+}
+
+
+def ships(model_type: str) -> bool:
+    """Whether the installed transformers has the family."""
+    added = ADDED.get(model_type)
+    return added is None or Version(transformers.__version__) >= Version(added.release)
+
+
+def supported_transformers():
+    """The range of transformers releases that setup.cfg allows (a `packaging` SpecifierSet)."""
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    requirements = [Requirement(line) for line in setup["options"]["install_requires"].splitlines()
+                    if line.strip() and not line.strip().startswith("#")]  # fmt: skip
+    return next(requirement.specifier for requirement in requirements if requirement.name == "transformers")
+
+
+def oldest_supported_transformers() -> Version:
+    """The floor of `supported_transformers()`, the release `make test-oldest` installs."""
+    return next(Version(spec.version) for spec in supported_transformers() if spec.operator == ">=")
 
 
 def tiny_config(model_type: str, **overrides):

@@ -1,8 +1,8 @@
 """Every decoder-only architecture of the installed transformers is scored right, or refused at start-up.
 
-For each family of `architectures.ARCHITECTURES`, on tiny models built from config: the start-up probe passes (or
-refuses the family with the expected reason), the teacher-mixed sampler records the log-probs a full forward gives,
-with rows that end at different steps, and two training steps run.
+For each family of `architectures.ARCHITECTURES` that the installed transformers ships, on tiny models built from
+config: the start-up probe passes (or refuses the family with the expected reason), the teacher-mixed sampler records
+the log-probs a full forward gives, with rows that end at different steps, and two training steps run.
 """
 
 import copy
@@ -11,14 +11,29 @@ import inspect
 
 import pytest
 import torch
+import transformers
 from datasets import Dataset
+from packaging.version import Version
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from rkd_trl import ReverseKLDistillTrainer
 from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
 from rkd_trl.scoring import left_pad, position_ids_from_mask, scoring_tolerance, verify_scoring
 
-from architectures import ARCHITECTURES, EXCLUDED, KEEPS_ENDED_ROWS, REFUSED, TOKENIZER, VOCAB_SIZE, tiny_model
+from architectures import (
+    ADDED,
+    ARCHITECTURES,
+    EXCLUDED,
+    FEEDS_EVERY_TOKEN,
+    KEEPS_ENDED_ROWS,
+    REFUSED,
+    TOKENIZER,
+    VOCAB_SIZE,
+    oldest_supported_transformers,
+    ships,
+    supported_transformers,
+    tiny_model,
+)
 
 PROMPTS = ["w01 w02 w03", "w04", "w05 w06", "w07 w08 w09 w10", "w11", "w12 w13"]
 # A quarter of the vocabulary ends a completion, so that rows end at different steps.
@@ -38,16 +53,33 @@ def lean_cpu():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="module", params=sorted(filter(ships, ARCHITECTURES)))
 def family(request):
     """`(model_type, student, teacher)`: two tiny models of one family (different seeds), shared by its tests."""
     return request.param, tiny_model(request.param, seed=0), tiny_model(request.param, seed=1)
 
 
 def test_the_catalog_covers_every_causal_lm_family_of_transformers():
-    assert sorted(set(ARCHITECTURES) | set(EXCLUDED)) == sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    catalog = {*ARCHITECTURES, *EXCLUDED}
+    shipped = set(filter(ships, catalog))
+    installed = f"transformers {transformers.__version__}"
+    missing = sorted(set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) - shipped)
+    assert not missing, f"families of {installed} missing from the catalog (add each, and to ADDED): {missing}"
+    extra = sorted(shipped - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+    assert not extra, f"{installed} does not have these families (ADDED names a later release for each): {extra}"
+    assert {name: MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[name] for name in ADDED if ships(name)} == {
+        name: added.causal_lm_class for name, added in ADDED.items() if ships(name)
+    }
     assert not set(ARCHITECTURES) & set(EXCLUDED)
+    assert set(ADDED) <= catalog
     assert TOKENIZER.vocab_size == VOCAB_SIZE
+
+
+def test_families_added_later_name_a_supported_release_after_the_oldest():
+    oldest = oldest_supported_transformers()
+    wrong = {name: added.release for name, added in ADDED.items()
+             if not (Version(added.release) > oldest and added.release in supported_transformers())}  # fmt: skip
+    assert not wrong, f"releases outside {supported_transformers()} or not after {oldest}: {wrong}"
 
 
 def test_start_up_probe(family):
@@ -60,6 +92,7 @@ def test_start_up_probe(family):
         return
     check = verify_scoring(student, VOCAB_SIZE, TOKENIZER.pad_token_id, "student")
     assert check.drop_ended_rows is (model_type not in KEEPS_ENDED_ROWS)
+    assert check.catch_up is (model_type not in FEEDS_EVERY_TOKEN), check.catch_up_error
 
 
 def full_forward_logprobs(model, prompt_ids, prompt_mask, rollout):
@@ -88,7 +121,7 @@ def test_sampled_scores_equal_a_full_forward(family, alpha):
         rollout = sample_teacher_mixed(
             student, teacher, prompt_ids, prompt_mask, vocab_size=VOCAB_SIZE, max_new_tokens=6, alpha=alpha,
             eos_token_ids=EOS_TOKEN_IDS, pad_token_id=TOKENIZER.pad_token_id,
-            drop_ended_rows=(drop_ended_rows, drop_ended_rows),
+            drop_ended_rows=(drop_ended_rows, drop_ended_rows), teacher_catch_up=model_type not in FEEDS_EVERY_TOKEN,
         )  # fmt: skip
         student_logprobs = full_forward_logprobs(student, prompt_ids, prompt_mask, rollout)
         teacher_logprobs = full_forward_logprobs(teacher, prompt_ids, prompt_mask, rollout)
@@ -122,6 +155,7 @@ def test_two_training_steps(family, make_config):
     before = {name: parameter.detach().clone() for name, parameter in student.named_parameters()}
     trainer = build()
     assert trainer._drop_ended_rows == (model_type not in KEEPS_ENDED_ROWS,) * 2
+    assert trainer._teacher_catch_up is (model_type not in FEEDS_EVERY_TOKEN)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +33,20 @@ def test_generated_blocks_of_the_docs_are_what_their_scripts_render():
     assert blocks["quickstart.md"] == [("benchmarks/quickstart.py", name) for name in quickstart_blocks]
     assert blocks["architectures.md"] == [("docs/architectures.py", "families")]
     assert "| `teacher_mix_alpha` | `0.2` |" in (REPO / "docs" / "configuration.md").read_text()
-    assert "| `llama` | `LlamaForCausalLM` | supported |" in (REPO / "docs" / "architectures.md").read_text()
+    assert "| `llama` | `LlamaForCausalLM` | all | supported |" in (REPO / "docs" / "architectures.md").read_text()
+
+
+def test_the_readme_states_the_transformers_releases_that_ci_tests():
+    catalog = load_script("tests/architectures.py")
+    pinned = re.search(r"^transformers==(\S+)$", (REPO / ".ci" / "oldest-constraints.txt").read_text(), re.MULTILINE)
+    assert pinned and Version(pinned[1]) == catalog.oldest_supported_transformers(), (
+        "pin the floor of setup.cfg in .ci/oldest-constraints.txt"
+    )
+    readme = (REPO / "README.md").read_text()
+    stated = re.search(r"transformers\s+`([^`]+)`", readme)
+    assert stated and SpecifierSet(stated[1]) == catalog.supported_transformers(), "README: setup.cfg's range"
+    assert f"on transformers {pinned[1]}, the floor" in readme
+    assert {"make test", "make test-oldest"} <= set((REPO / ".ci" / "run").read_text().splitlines())
 
 
 def test_a_generated_block_is_rewritten_from_its_script(tmp_path):
