@@ -66,43 +66,49 @@ def conversations(tokenizer, num_rows: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"messages": rows})
 
 
-def common_args(batch_size: int) -> dict:
-    return {
+def common_args(batch_size: int, logging_steps: int, precision: str) -> dict:
+    """Settings every trainer gets. `precision` "auto" leaves `bf16` as the configs resolve it on this machine (on
+    by default where torch supports bfloat16, as users meet it); "fp32" / "bf16" pin it."""
+    args = {
         "output_dir": tempfile.mkdtemp(prefix="rkd-speed-"),
         "per_device_train_batch_size": batch_size,
         "gradient_accumulation_steps": 1,
         "learning_rate": 1e-5,
         "max_steps": 1000,
-        "logging_steps": 10_000,
+        "logging_steps": logging_steps,
         "report_to": [],
-        "use_cpu": True,
-        "bf16": False,
+        "use_cpu": not torch.cuda.is_available(),
         "save_strategy": "no",
         "seed": 0,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
         "temperature": 1.0,
     }
+    if precision != "auto":
+        args["bf16"] = precision == "bf16"
+    return args
 
 
 # Our variants: the defaults (α = 0.2), α = 0 (the student samples alone and the teacher scores the completions in
 # one forward), α = 0 without the LM loss (the same work as DistillationTrainer: no reference answers), and the
 # defaults with rollout reuse. Every variant keeps the single-step term and length normalisation.
 OURS = {
-    "ReverseKLDistillTrainer": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0},
-    "ReverseKLDistillTrainer α=0": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 1.0},
+    "ReverseKLDistillTrainer": {},
+    "ReverseKLDistillTrainer no LM loss": {"lm_loss_weight": 0.0},
+    "ReverseKLDistillTrainer α=0": {"teacher_mix_alpha": 0.0},
     "ReverseKLDistillTrainer α=0, no LM loss": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 0.0},
-    "ReverseKLDistillTrainer reuse": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "ppo_epochs": 4},
+    "ReverseKLDistillTrainer reuse": {"ppo_epochs": 4},
 }
 
 
-def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_tokens: int):
+def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_tokens: int, logging_steps: int = 10,
+                   precision: str = "auto"):  # fmt: skip
     """`{name: trainer}` over fresh copies of the same teacher and student weights."""
 
     def fresh(which):
         return copy.deepcopy(models[0] if which == "teacher" else models[1])
 
-    args = common_args(batch_size)
+    args = common_args(batch_size, logging_steps, precision)
     prompt_dataset = dataset.map(lambda row: {"prompt": row["messages"][:1]}, remove_columns=["messages"])
     trainers = {}
     for name in names:
@@ -115,10 +121,7 @@ def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_t
             trainer = DistillationTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
                                           train_dataset=prompt_dataset, processing_class=tokenizer)  # fmt: skip
         else:
-            config = ReverseKLDistillConfig(
-                **args, single_step_regularization=True, length_normalization=True, max_new_tokens=max_new_tokens,
-                **OURS[name],
-            )  # fmt: skip
+            config = ReverseKLDistillConfig(**args, max_new_tokens=max_new_tokens, **OURS[name])  # the defaults
             trainer = ReverseKLDistillTrainer(model=fresh("student"), teacher_model=fresh("teacher"), args=config,
                                               train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
         trainers[name] = trainer
@@ -126,7 +129,9 @@ def build_trainers(names, models, tokenizer, dataset, batch_size: int, max_new_t
 
 
 class StepRunner:
-    """Runs optimizer steps of a trainer the way `Trainer.train` does (training_step, optimizer step, zero_grad)."""
+    """Runs optimizer steps of a trainer the way `Trainer.train` does (training_step, optimizer step, zero_grad, the
+    step count, and at each logging step `log`, which averages and reports the trainer's metrics and runs the
+    callbacks)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -138,9 +143,12 @@ class StepRunner:
 
     def step(self):
         trainer = self.trainer
-        trainer.training_step(trainer.model, next(self.batches), None)
+        loss = trainer.training_step(trainer.model, next(self.batches), None)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
+        if trainer.state.global_step % trainer.args.logging_steps == 0:
+            trainer.log({"loss": loss.item()})
 
     def timed_cycle(self) -> float:
         """Seconds per optimizer step, averaged over one rollout cycle (1 step, or `ppo_epochs` with reuse)."""
@@ -150,14 +158,44 @@ class StepRunner:
         return (time.perf_counter() - start) / self.steps_per_rollout
 
 
-def interleaved_step_times(runners: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
+class RolloutClock:
+    """Times our trainers' training rollouts (`sample_teacher_mixed`, not the greedy probe) and records the teacher's
+    forwards and the completion columns of each, for the trainer named `current`."""
+
+    def __init__(self):
+        self.current = None
+        self.seconds, self.teacher_calls, self.columns = {}, {}, {}
+        self.sample = rkd_trainer_module.sample_teacher_mixed
+
+    def __enter__(self):
+        def timed(student, teacher, *args, **kwargs):
+            start = time.perf_counter()
+            rollout = self.sample(student, teacher, *args, **kwargs)
+            if teacher is not None and self.current is not None:  # the greedy probe samples the student alone
+                self.seconds.setdefault(self.current, []).append(time.perf_counter() - start)
+                self.teacher_calls.setdefault(self.current, []).append(rollout.teacher_calls)
+                self.columns.setdefault(self.current, []).append(rollout.completion_ids.size(1))
+            return rollout
+
+        rkd_trainer_module.sample_teacher_mixed = timed
+        return self
+
+    def __exit__(self, *exc):
+        rkd_trainer_module.sample_teacher_mixed = self.sample
+
+
+def interleaved_step_times(runners: dict, warmup: int, rounds: int, clock=None) -> dict[str, list[float]]:
     for runner in runners.values():
         for _ in range(warmup):
             runner.timed_cycle()
     times = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
+            if clock is not None:
+                clock.current = name
             times[name].append(runner.timed_cycle())
+    if clock is not None:
+        clock.current = None
     return times
 
 
@@ -328,25 +366,58 @@ def header(description: str, options) -> list[str]:
             f"thread(s); {options.warmup} warm-up steps per trainer, then {options.rounds} interleaved rounds."
         ),
         (
-            "ReverseKLDistillTrainer (single-step term, length normalisation): the defaults, teacher_mix_alpha=0.2 "
-            "and lm_loss_weight=1.0 (on the reference completions); `α=0`: teacher_mix_alpha=0 (the student samples "
-            "alone, the teacher scores the completions in one forward); `α=0, no LM loss`: also lm_loss_weight=0, "
-            "the same work as DistillationTrainer; `reuse`: the defaults with ppo_epochs=4 (time per optimizer step "
-            "averaged over the 4 steps of one rollout). GKDTrainer: lmbda=1, beta=1. DistillationTrainer: beta=1."
+            "ReverseKLDistillTrainer: its defaults (teacher_mix_alpha=0.2, the LM loss on the reference "
+            "completions, the greedy probe every 20 steps); `no LM loss`: lm_loss_weight=0 (the same work as "
+            "DistillationTrainer plus teacher mixing); `α=0`: teacher_mix_alpha=0 (the student samples alone, the "
+            "teacher scores the completions in one forward); `α=0, no LM loss`: both; `reuse`: the defaults with "
+            "ppo_epochs=4 (time per optimizer step averaged over the 4 steps of one rollout). GKDTrainer: lmbda=1, "
+            "beta=1. DistillationTrainer: beta=1. Every step as `Trainer.train` runs it, `log` at each logging step "
+            f"included; bf16 as the configs resolve it on this machine unless `--precision` pins it "
+            f"({options.precision})."
         ),
         "",
     ]
 
 
-def distillation_ratios(medians: dict, names) -> list[str]:
-    """The ratio of each of our variants to DistillationTrainer, and the issue's targets for the two that have one."""
-    targets = {"ReverseKLDistillTrainer": 1.0, "ReverseKLDistillTrainer α=0": 0.8}
-    lines = ["| ours | ratio to DistillationTrainer | target |", "|---|---|---|"]
+# Step-time targets against DistillationTrainer(beta=1) and GKDTrainer(lmbda=1, beta=1), for the tiny models and the
+# real pair: the defaults no slower than the peer, and mixing nearly free next to sampling alone.
+TARGETS = {
+    "tiny": {("ReverseKLDistillTrainer", "DistillationTrainer"): 1.0, ("ReverseKLDistillTrainer", "GKDTrainer"): 0.8},
+    "real": {("ReverseKLDistillTrainer", "DistillationTrainer"): 1.2,
+             ("ReverseKLDistillTrainer no LM loss", "DistillationTrainer"): 1.0},
+}  # fmt: skip
+ROLLOUT_TARGET = 1.15  # rollout time at α = 0.2 over that at α = 0
+
+
+def distillation_ratios(medians: dict, names, setup: str) -> list[str]:
+    """The ratio of each of our variants to DistillationTrainer and to GKDTrainer, with the targets of `setup`."""
+    lines = ["| ours | ratio to DistillationTrainer | ratio to GKDTrainer | targets |", "|---|---|---|---|"]
     for name in names:
         if name in OURS:
-            target = f"≤ {targets[name]}" if name in targets else "–"
-            lines.append(f"| {name} | {medians[name] / medians['DistillationTrainer']:.2f} | {target} |")
+            targets = [f"≤ {target} × {peer}" for (ours, peer), target in TARGETS[setup].items() if ours == name]
+            lines.append(
+                f"| {name} | {medians[name] / medians['DistillationTrainer']:.2f} | "
+                f"{medians[name] / medians['GKDTrainer']:.2f} | {', '.join(targets) or '–'} |"
+            )
     return [*lines, ""]
+
+
+def rollout_lines(clock: RolloutClock, alpha: float) -> list[str]:
+    """Median rollout seconds of our variants, the ratio of the defaults' to α = 0's, and the teacher's forwards
+    per rollout against α·T + 2 (its own steps, the prompt and the last catch-up) and T (one per token)."""
+    ours, alone = "ReverseKLDistillTrainer", "ReverseKLDistillTrainer α=0"
+    lines = ["| ours | median rollout s | teacher forwards per rollout | completion columns T | α·T + 2 |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, seconds in clock.seconds.items():
+        if name.endswith("reuse"):
+            continue
+        calls, columns = statistics.mean(clock.teacher_calls[name]), statistics.mean(clock.columns[name])
+        share = 0.0 if "α=0" in name else alpha
+        lines.append(f"| {name} | {statistics.median(seconds):.3f} | {calls:.1f} | {columns:.1f} | "
+                     f"{share * columns + 2:.1f} |")  # fmt: skip
+    ratio = statistics.median(clock.seconds[ours]) / statistics.median(clock.seconds[alone])
+    lines += ["", f"Rollout time of the defaults (α = {alpha}) over α = 0: {ratio:.2f} (target ≤ {ROLLOUT_TARGET}).", ""]
+    return lines
 
 
 def teacher_work_lines(work: dict, name: str, max_new_tokens: int) -> list[str]:
@@ -367,8 +438,8 @@ def teacher_work_lines(work: dict, name: str, max_new_tokens: int) -> list[str]:
         f"- teacher forwards per token position: {work['backbone_positions'] / expected:.3f}",
         (
             f"- rows projected by the teacher LM head (`H × V` product, not a forward): {work['head_rows']} = the "
-            "B×T next-token distributions mixed while sampling + the valid completion rows again in the loss "
-            "(from the stored hidden states)."
+            "last row of each teacher forward in the rollout (the distribution a teacher step draws from) + the valid "
+            "completion rows scored from the recorded hidden states + those rows again in the loss."
         ),
         "",
     ]
@@ -438,6 +509,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=None, help="default: 7 (5 with --real)")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="auto: bf16 as the configs resolve it on this machine (users' default)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DOCS)
     options = parser.parse_args(argv)
     options.max_new_tokens = options.max_new_tokens or (32 if options.real else 64)
@@ -448,29 +521,43 @@ def main(argv=None):
 
     torch.manual_seed(0)
     tokenizer, models, dataset, description = (real_setup if options.real else tiny_setup)(options)
+    setup = "real" if options.real else "tiny"
     ours = "ReverseKLDistillTrainer"
-    names = [ours, f"{ours} α=0", f"{ours} α=0, no LM loss", "GKDTrainer", "DistillationTrainer", f"{ours} reuse"]
+    names = [ours, f"{ours} no LM loss", f"{ours} α=0", f"{ours} α=0, no LM loss", "GKDTrainer",
+             "DistillationTrainer", f"{ours} reuse"]  # fmt: skip
     out = header(description, options)
     medians = {}
     low, high = options.max_new_tokens, 2 * options.max_new_tokens
-    for max_new_tokens in (low,) if options.real else (low, high):
-        trainers = build_trainers(names, models, tokenizer, dataset, options.batch_size, max_new_tokens)
+    # (max_new_tokens, logging_steps): users log every 1-10 steps; the scaling to twice the length at 10.
+    runs = [(low, 10), (low, 1)] + ([] if options.real else [(high, 10)])
+    for max_new_tokens, logging_steps in runs:
+        trainers = build_trainers(names, models, tokenizer, dataset, options.batch_size, max_new_tokens,
+                                  logging_steps, options.precision)  # fmt: skip
+        bf16 = trainers[ours].args.bf16
         runners = {name: StepRunner(trainer) for name, trainer in trainers.items()}
-        times = interleaved_step_times(runners, options.warmup, options.rounds)
-        medians[max_new_tokens] = {name: statistics.median(values) for name, values in times.items()}
-        section = [f"### Step time, max_new_tokens = {max_new_tokens}", "", *step_table(times, "GKDTrainer"), ""]
-        section += distillation_ratios(medians[max_new_tokens], names)
+        with RolloutClock() as clock:
+            times = interleaved_step_times(runners, options.warmup, options.rounds, clock)
+        medians[max_new_tokens, logging_steps] = {name: statistics.median(values) for name, values in times.items()}
+        section = [
+            f"### Step time, max_new_tokens = {max_new_tokens}, logging_steps = {logging_steps}, bf16 = {bf16}",
+            "",
+            *step_table(times, "GKDTrainer"),
+            "",
+            *distillation_ratios(medians[max_new_tokens, logging_steps], names, setup),
+            *rollout_lines(clock, trainers[ours].args.teacher_mix_alpha),
+        ]
         print("\n".join(section), flush=True)
         out += section
-        if max_new_tokens == low and not options.real:
+        if (max_new_tokens, logging_steps) == (low, 10) and not options.real:
             work = teacher_forward_work(trainers[ours])
             profiled = (ours, "GKDTrainer", "DistillationTrainer")
             breakdown = {name: profile_breakdown(runners[name], options.profile_steps) for name in profiled}
         del trainers, runners
 
     if not options.real:
-        out += [f"### Scaling, max_new_tokens {high} vs {low}", "", "| trainer | ratio of medians |", "|---|---|"]
-        out += [f"| {name} | {medians[high][name] / medians[low][name]:.2f} |" for name in names]
+        out += [f"### Scaling, max_new_tokens {high} vs {low} (logging_steps = 10)", "",
+                "| trainer | ratio of medians |", "|---|---|"]  # fmt: skip
+        out += [f"| {name} | {medians[high, 10][name] / medians[low, 10][name]:.2f} |" for name in names]
         out += ["", *teacher_work_lines(work, ours, low), *breakdown_lines(breakdown, options.profile_steps, low)]
     text = "\n".join(out)
     print(text)
