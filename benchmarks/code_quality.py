@@ -1,0 +1,231 @@
+"""Code benchmark: a Qwen2.5-Coder student distilled by each method, judged by pass@1 (greedy) on HumanEval.
+
+Every method starts from the same student, trains the same optimizer steps on the same prompts (the project's coding
+instructions, `rkd_trl.code_eval.load_code_instructions`) with the same batch and learning rate, and is judged by the
+evaluation of `rkd_trl.code_eval` (docs/benchmarks-code.md) on HumanEval (`--eval humaneval`, the held-out test) or on
+the project's dev problems (`--eval dev`, for tuning); the teacher and the student before are judged once.
+
+Methods: ours (ReverseKLDistillTrainer, defaults, with the teacher's greedy answers for its LM loss),
+trl.DistillationTrainer (β = 1, its default), GKD JSD (trl.experimental.gkd, β = 0.5, λ = 0.5) and
+SeqKD (SFT on the teacher's greedy answers).
+
+Pairs (`--pair`):
+- `headline`: Qwen2.5-Coder-1.5B-Instruct teaching Qwen2.5-Coder-0.5B-Instruct;
+- `cpu`: a pair that fits a 2-core CPU and keeps the ground truth: the 0.5B as teacher, and as student the 0.5B
+  with some of its layers (`rkd_trl.models.keep_layers`), SFT-initialised on the teacher's answers.
+
+Runs are appended to the results JSON as they finish, so an interrupted grid resumes where it stopped:
+
+    PYTHONPATH=src python benchmarks/code_quality.py --pair headline            # the grid (docs/benchmarks/code_quality-headline-humaneval.json)
+    PYTHONPATH=src python benchmarks/code_quality.py --pair cpu --eval dev      # the CPU pair, on the dev problems
+    PYTHONPATH=src python benchmarks/code_quality.py --smoke                    # the same code on tiny settings
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "benchmarks"
+# trl.DistillationTrainer's default β is 1 (reverse KL) in trl 1.16: its default and β = 1 are one run.
+METHODS = ["ours", "DistillationTrainer β=1", "GKD JSD", "SeqKD"]
+PAIRS = {
+    "headline": ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
+    "cpu": ("qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct"),
+}
+
+
+@dataclass
+class Settings:
+    pair: str = "headline"
+    student_layers: list[int] | None = None  # `cpu`: the layers the student keeps (None: the whole student model)
+    sft_steps: int = 0  # `cpu`: SFT steps of the pruned student on the teacher's answers
+    sft_learning_rate: float = 1e-4
+    train_prompts: int | None = None  # first n instructions (None: all 290)
+    answer_max_new_tokens: int = 256  # the teacher's greedy answers (SeqKD data, the LM loss, GKD's dataset)
+    steps: int = 30
+    batch_size: int = 4
+    max_new_tokens: int = 128
+    learning_rate: float = 5e-6
+    seeds: list[int] = field(default_factory=lambda: [1, 2])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    eval: str = "humaneval"
+    eval_problems: int | None = None  # first n problems (None: all)
+    eval_max_new_tokens: int = 512
+    eval_batch_size: int = 1
+
+
+CPU = Settings(pair="cpu", student_layers=[0, 1, 2, 3, 4, 5, 18, 19, 20, 21, 22, 23], sft_steps=100)
+SMOKE = Settings(pair="cpu", student_layers=[0, 23], sft_steps=1, train_prompts=4, answer_max_new_tokens=16, steps=1,
+                 batch_size=2, max_new_tokens=8, seeds=[1], methods=["ours", "SeqKD"], eval="dev", eval_problems=2,
+                 eval_max_new_tokens=16)  # fmt: skip
+
+
+class Benchmark:
+    def __init__(self, settings: Settings, work_dir: Path):
+        import torch
+
+        from rkd_trl.code_eval import load_code_instructions
+        from rkd_trl.instructions import cached_teacher_answers
+        from rkd_trl.models import load_chunked_model
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+        self.settings, self.work_dir = settings, work_dir
+        teacher_name, self.student_name = PAIRS[settings.pair]
+        self.teacher, self.tokenizer = load_chunked_model(teacher_name)
+        self.prompts = load_code_instructions()[: settings.train_prompts]
+        self.answers = cached_teacher_answers(self.teacher, self.tokenizer, self.prompts,
+                                              settings.answer_max_new_tokens, work_dir / "cache", batch_size=1)  # fmt: skip
+
+    def student(self):
+        """The student every method starts from: the 0.5B itself, or (`student_layers`) its pruned, SFT-initialised
+        copy, cached under the work dir."""
+        from transformers import AutoModelForCausalLM
+
+        from rkd_trl.instructions import sft_student
+        from rkd_trl.models import keep_layers, load_chunked_model
+
+        s = self.settings
+        if s.student_layers is None:
+            return load_chunked_model(self.student_name)[0]
+        path = (
+            self.work_dir / "cache" / f"sft-{'-'.join(map(str, s.student_layers))}-{s.sft_steps}-{len(self.prompts)}"
+        )
+        if (path / "config.json").exists():
+            return AutoModelForCausalLM.from_pretrained(path).eval()
+        student = keep_layers(load_chunked_model(self.student_name)[0], s.student_layers)
+        sft_student(student, self.tokenizer, self.prompts, [self.answers], self.work_dir / "sft-run",
+                    max_steps=s.sft_steps, learning_rate=s.sft_learning_rate, per_device_train_batch_size=4,
+                    lr_scheduler_type="cosine", warmup_steps=0, max_length=512, use_cpu=True, bf16=False, seed=0)  # fmt: skip
+        student.save_pretrained(path)
+        return student.eval()
+
+    def evaluate(self, model) -> dict:
+        import statistics
+
+        from rkd_trl import code_eval
+        from rkd_trl.metrics import bootstrap_interval
+
+        s = self.settings
+        problems = code_eval.humaneval_problems() if s.eval == "humaneval" else code_eval.dev_problems()
+        problems = dict(list(problems.items())[: s.eval_problems])
+        problem_file = code_eval.humaneval_file() if s.eval == "humaneval" else code_eval.DEV_PROBLEMS
+        started = time.perf_counter()
+        answers = code_eval.generate_code(model, self.tokenizer, problems, s.eval_max_new_tokens, s.eval_batch_size)
+        results = code_eval.execute(answers.task_ids, answers.completions, problem_file)
+        passed = [float(r["passed"]) for r in results]
+        low, high = bootstrap_interval(lambda idx: statistics.fmean(passed[i] for i in idx), len(passed))
+        return {"pass@1": code_eval.pass_at_1([r["passed"] for r in results]), "interval": [low, high],
+                "ended": statistics.fmean(answers.ended), "eval_seconds": time.perf_counter() - started,
+                "problems": [{**r, "reply": reply, "tokens": len(ids)} for r, reply, ids in
+                             zip(results, answers.replies, answers.token_ids, strict=True)]}  # fmt: skip
+
+    def trainer(self, method: str, student, seed: int):
+        from datasets import Dataset
+
+        from rkd_trl.instructions import conversations, user_turns
+
+        s = self.settings
+        common = dict(
+            output_dir=str(self.work_dir / "run"), per_device_train_batch_size=s.batch_size, max_steps=s.steps,
+            learning_rate=s.learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=5,
+            save_strategy="no", report_to=[], bf16=False, use_cpu=True, activation_checkpointing=False,
+            disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+        )  # fmt: skip
+        with_answers = conversations(self.prompts, self.answers)
+        if method == "SeqKD":
+            from trl import SFTConfig, SFTTrainer
+
+            data = with_answers.map(lambda row: {"prompt": row["messages"][:1], "completion": row["messages"][1:]},
+                                    remove_columns=["messages"])  # fmt: skip
+            return SFTTrainer(model=student, args=SFTConfig(**common, max_length=512), train_dataset=data,
+                              processing_class=self.tokenizer)  # fmt: skip
+        if method == "GKD JSD":
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            args = GKDConfig(**common, lmbda=0.5, beta=0.5, temperature=1.0, max_new_tokens=s.max_new_tokens,
+                             max_length=512)  # fmt: skip
+            return GKDTrainer(model=student, teacher_model=self.teacher, args=args, train_dataset=with_answers,
+                              processing_class=self.tokenizer)  # fmt: skip
+        if method == "DistillationTrainer β=1":
+            from trl import DistillationConfig, DistillationTrainer
+
+            args = DistillationConfig(**common, beta=1.0, max_completion_length=s.max_new_tokens)
+            prompts_only = Dataset.from_dict({"prompt": user_turns(self.prompts)})
+            return DistillationTrainer(model=student, teacher_model=self.teacher, args=args, train_dataset=prompts_only,
+                                       processing_class=self.tokenizer)  # fmt: skip
+        from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+
+        args = ReverseKLDistillConfig(**common, max_new_tokens=s.max_new_tokens)
+        return ReverseKLDistillTrainer(model=student, teacher_model=self.teacher, args=args,
+                                       train_dataset=with_answers, processing_class=self.tokenizer)  # fmt: skip
+
+    def run(self, method: str, seed: int) -> dict:
+        import torch
+        from transformers import PrinterCallback
+
+        torch.manual_seed(seed)
+        trainer = self.trainer(method, self.student(), seed)
+        trainer.remove_callback(PrinterCallback)
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        return {"method": method, "seed": seed, "train_seconds": seconds, "seconds_per_step": seconds / self.settings.steps,
+                "threads": torch.get_num_threads(), **self.evaluate(trainer.model.eval())}  # fmt: skip
+
+
+def run_grid(settings: Settings, work_dir: Path, results_path: Path, log=print) -> dict:
+    """Every missing (method, seed) of `settings`, appended to `results_path` as it finishes."""
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if results.get("settings", asdict(settings)) != asdict(settings):
+        raise ValueError(f"{results_path} holds runs with other settings: move it away or use --results.")
+    results["settings"] = asdict(settings)
+    bench = Benchmark(settings, work_dir)
+    for name in ("teacher", "student before"):
+        if name not in results:
+            results[name] = bench.evaluate(bench.teacher if name == "teacher" else bench.student())
+            results_path.write_text(json.dumps(results, indent=1))
+            log(f"{name}: pass@1 {100 * results[name]['pass@1']:.1f}")
+    done = {(r["method"], r["seed"]) for r in results.setdefault("runs", [])}
+    for seed in settings.seeds:
+        for method in settings.methods:
+            if (method, seed) in done:
+                continue
+            results["runs"].append(bench.run(method, seed))
+            results_path.write_text(json.dumps(results, indent=1))
+            run = results["runs"][-1]
+            log(f"{method} seed={seed}: pass@1 {100 * run['pass@1']:.1f} ({run['seconds_per_step']:.0f} s/step)")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pair", choices=PAIRS, default="headline")
+    parser.add_argument("--eval", choices=["humaneval", "dev"], default=None, help="default: humaneval")
+    parser.add_argument("--smoke", action="store_true", help="tiny settings (the cpu pair), results to the work dir")
+    parser.add_argument("--work-dir", default=str(REPO / "benchmarks" / ".cache" / "code"))
+    parser.add_argument("--results", default=None)
+    options = parser.parse_args(argv)
+    settings = SMOKE if options.smoke else CPU if options.pair == "cpu" else Settings()
+    if options.eval:
+        settings = replace(settings, eval=options.eval)
+    work_dir = Path(options.work_dir) / ("smoke" if options.smoke else settings.pair)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    default = (
+        work_dir / "smoke.json" if options.smoke else RESULTS / f"code_quality-{settings.pair}-{settings.eval}.json"
+    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    run_grid(settings, work_dir, Path(options.results) if options.results else default)
+
+
+if __name__ == "__main__":
+    main()
