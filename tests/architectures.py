@@ -386,6 +386,47 @@ REFUSED = {
     ),
 }
 
+# The 16-bit precisions users train in, as tests/test_architectures_precision.py runs the probe in them: name ->
+# (the dtype the forward computes in under autocast, as accelerate's mixed precision runs it, over weights in the
+# second dtype; None: the weights' own).
+PRECISIONS_16_BIT = {"bf16 autocast": (torch.bfloat16, torch.float32), "bf16 weights": (None, torch.bfloat16)}
+
+# Families that the probe accepts in float32 and refuses in a 16-bit precision, by precision: their own forward
+# raises there (transformers' code mixes dtypes), so training in that precision would fail on them too. The probe
+# refuses them with the model's error; they train in the other precisions.
+MIXES_DTYPES = "cannot be scored: .* have the same (scalar type|dtype)"
+REFUSED_IN_16_BIT = {
+    "bf16 autocast": {
+        "dbrx": Refusal(
+            MIXES_DTYPES,
+            "its experts accumulate into a float32 buffer with `index_add_` the bf16 outputs of autocast's matrix "
+            "products (modeling_dbrx.py: `next_states.index_add_(0, token_idx, states)`): RuntimeError",
+        ),
+    },
+    "bf16 weights": {
+        "inkling2_text": Refusal(
+            MIXES_DTYPES,
+            "its router casts the hidden states to float32 and multiplies them by the bf16 gate weights "
+            "(modeling_inkling2.py: `F.linear(flat, self.weight)`): RuntimeError",
+        ),
+        "xlstm": Refusal(
+            MIXES_DTYPES,
+            "its chunkwise mLSTM recurrence keeps float32 states and multiplies them by bf16 keys and values "
+            "(modeling_xlstm.py: `mlstm_chunkwise_recurrent_fw_C`): RuntimeError",
+        ),
+    },
+}
+
+# Families of `REFUSED` that the probe accepts in a 16-bit precision on the tiny random models, by precision, with
+# why: their defect changes these models' near-uniform next-token distributions by less than bf16 rounds them. With
+# weights initialised ten times sharper (`initializer_range=0.2`) the probe refuses them there too.
+UNDETECTED_IN_16_BIT = {
+    "bf16 autocast": {},
+    "bf16 weights": {
+        "minimax": "its left-padding defect changes the tiny model's distributions by less than its noise floor in bf16",
+    },
+}
+
 # Families of the causal-LM mapping that are not decoder-only text language models, with the reason.
 ENCODER = (
     "encoder (bidirectional) architecture: its causal-LM head serves as the decoder of an `EncoderDecoderModel` "
