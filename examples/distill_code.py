@@ -80,9 +80,12 @@ def score(model, tokenizer, options: CodeDistillArguments) -> dict:
     }
 
 
+def make_parser() -> TrlParser:
+    return TrlParser((CodeDistillArguments, ReverseKLDistillConfig))
+
+
 def main():
-    parser = TrlParser((CodeDistillArguments, ReverseKLDistillConfig))
-    options, args = parser.parse_args_and_config()
+    options, args = make_parser().parse_args_and_config()
     device = torch.device("cpu" if args.use_cpu or not torch.cuda.is_available() else "cuda")
     student, tokenizer = load(options.student, options.model_dtype, device)
     teacher, _ = load(options.teacher, options.model_dtype, device)

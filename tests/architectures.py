@@ -404,6 +404,11 @@ REFUSED_IN_16_BIT = {
         ),
     },
     "bf16 weights": {
+        "inkling2_loop_text": Refusal(
+            MIXES_DTYPES,
+            "its router casts the hidden states to float32 and multiplies them by the bf16 gate weights "
+            "(modeling_inkling2_loop.py: `F.linear(flat, self.weight)`): RuntimeError",
+        ),
         "inkling2_text": Refusal(
             MIXES_DTYPES,
             "its router casts the hidden states to float32 and multiplies them by the bf16 gate weights "

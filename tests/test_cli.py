@@ -1,7 +1,9 @@
 """`rkd-trl` command line: help, `train` (YAML + flags), `eval` (Rouge-L, exact match, reverse KL)."""
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -184,18 +186,38 @@ def test_eval_of_the_teacher_against_itself_has_zero_reverse_kl(tmp_path, tiny):
     assert sorted(sample["references"]) == sorted(references[sample["prompt"].split()[0]])
 
 
+def recipe_script(recipe: Path) -> str:
+    """The program a recipe's header runs it with: `rkd-trl train` or an example script (`examples/<name>.py`)."""
+    header = "".join(line for line in recipe.read_text().splitlines(keepends=True) if line.startswith("#"))
+    script = re.search(r"examples/(\w+)\.py --config|examples/(\w+)\.py \\\n#\s+--config", header)
+    if script:
+        return f"examples/{script.group(1) or script.group(2)}.py"
+    assert f"rkd-trl train --config examples/recipes/{recipe.name}" in header, f"{recipe.name} names no program"
+    return "rkd-trl train"
+
+
 @pytest.mark.parametrize("recipe", sorted(path.name for path in (REPO / "examples" / "recipes").glob("*.yaml")))
-def test_every_recipe_parses(recipe):
+def test_every_recipe_parses_with_the_program_it_names(recipe):
     from transformers import BitsAndBytesConfig
 
     from rkd_trl.trainer import teacher_quantization_config
 
+    path = REPO / "examples" / "recipes" / recipe
+    script = recipe_script(path)
     # GPU recipes ask for bf16; on this CPU only the keys and values are checked.
+    arguments = ["--config", str(path), "--bf16", "false", "--use_cpu", "true"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated key
-        _, training_args, model_args, _ = make_train_parser().parse_args_and_config(
-            ["--config", str(REPO / "examples" / "recipes" / recipe), "--bf16", "false", "--use_cpu", "true"]
-        )
+        if script == "examples/distill_code.py":  # its own arguments (student, teacher, evaluation) and the config
+            spec = importlib.util.spec_from_file_location("distill_code", REPO / script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            options, training_args = module.make_parser().parse_args_and_config(arguments)
+            assert options.student != options.teacher
+            assert training_args.max_new_tokens and training_args.per_device_train_batch_size
+            return
+        assert script in ("rkd-trl train", "examples/distill.py"), f"{recipe} runs with {script}: parse it here"
+        _, training_args, model_args, _ = make_train_parser().parse_args_and_config(arguments)
     assert model_args.model_name_or_path and training_args.teacher_model_name_or_path
     quantization = (training_args.teacher_model_init_kwargs or {}).get("quantization_config")
     if quantization is not None:
