@@ -265,6 +265,7 @@ def teacher_forward_work(trainer) -> dict:
 STAGES = {
     # label: (object, attribute) wrapped in a profiler range
     "sampling (teacher-mixed decode, both models)": (rkd_trainer_module, "sample_teacher_mixed"),
+    "greedy probe (student alone)": (ReverseKLDistillTrainer, "_log_greedy_probe"),
     "advantages": (rkd_trainer_module, "advantages_from_rollout"),
     "student forward (backbone)": (ReverseKLDistillTrainer, "_completion_hidden_states"),
     "loss (heads + MiniLLM terms)": (rkd_trainer_module, "minillm_loss_sums"),

@@ -200,7 +200,7 @@ def recipe_script(recipe: Path) -> str:
 def test_every_recipe_parses_with_the_program_it_names(recipe):
     from transformers import BitsAndBytesConfig
 
-    from rkd_trl.trainer import teacher_quantization_config
+    from rkd_trl.teacher import teacher_quantization_config
 
     path = REPO / "examples" / "recipes" / recipe
     script = recipe_script(path)

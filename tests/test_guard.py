@@ -43,13 +43,14 @@ def test_truncation_has_its_own_signal_and_threshold(caplog):
 
 
 def test_the_trainer_adds_the_guard_once(make_config, make_student, teacher, tokenizer, task):
-    def guards(**kwargs):
-        trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=make_config(),
+    def guards(config=None, **kwargs):
+        trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=make_config(**(config or {})),
                                           train_dataset=task.prompt_dataset(), processing_class=tokenizer, **kwargs)  # fmt: skip
         return [c for c in trainer.callback_handler.callbacks if isinstance(c, DegenerationGuard)]
 
     assert len(guards()) == 1
     assert [guard.threshold_logs for guard in guards(callbacks=[DegenerationGuard(threshold_logs=5)])] == [5]
+    assert guards({"degeneration_guard": False}) == []  # the config switch
 
 
 def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_student, teacher, tokenizer, task):
@@ -68,7 +69,7 @@ def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_stu
     prompts = [row["prompt"] for row in task.prompt_dataset()][:6]
     ids, mask = chat_prompt_batch(tokenizer, prompts)
     trainer._metrics["train"].clear()
-    trainer._probe_prompts = None  # probe these prompts (the run kept those of its first probe)
+    trainer._greedy_probe.prompts = None  # probe these prompts (the run kept those of its first probe)
     trainer._log_greedy_probe(student.eval(), ids, mask)
     out = student.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[:, ids.size(1):]
@@ -87,6 +88,7 @@ def test_the_greedy_probe_answers_the_same_prompts_at_every_logging_step(
 ):
     """The probe keeps the prompts of its first rollout: a change in its figures is a change in the student, not in
     the prompts that happened to be drawn."""
+    from rkd_trl import guard as guard_module
     from rkd_trl import trainer as trainer_module
 
     probed, rollouts, sample = [], [], trainer_module.sample_teacher_mixed
@@ -95,7 +97,8 @@ def test_the_greedy_probe_answers_the_same_prompts_at_every_logging_step(
         (probed if kwargs.get("top_k") == 1 else rollouts).append(prompt_ids.tolist())
         return sample(student, teacher_model, prompt_ids, prompt_mask, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "sample_teacher_mixed", recording)
+    monkeypatch.setattr(trainer_module, "sample_teacher_mixed", recording)  # the rollouts
+    monkeypatch.setattr(guard_module, "sample_teacher_mixed", recording)  # the greedy probe
     args = make_config(logging_steps=1, max_steps=3, max_new_tokens=6, per_device_train_batch_size=2,
                        greedy_probe_steps=1)  # fmt: skip
     trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,

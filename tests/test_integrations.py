@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from trl.distributed import DistributedBackend
 
 from rkd_trl import ReverseKLDistillTrainer
-from rkd_trl.trainer import BNB_CPU_4BIT_ROW_BLOCK, check_quantized_teacher_placement
+from rkd_trl.teacher import BNB_CPU_4BIT_ROW_BLOCK, check_quantized_teacher_placement
 
 REPO = Path(__file__).resolve().parents[1]
 # Logged by transformers itself; everything else the trainer logs must be in docs/logging.md.
@@ -191,7 +191,7 @@ def test_bitsandbytes_teacher_fails_early_where_it_cannot_run(
     check_quantized_teacher_placement(quantized, backend())  # DDP / one process: fine
     check_quantized_teacher_placement(teacher, backend(zero_stage=3))  # unquantised teacher: fine
 
-    monkeypatch.setattr("rkd_trl.trainer.is_bitsandbytes_available", lambda: False)
+    monkeypatch.setattr("rkd_trl.teacher.is_bitsandbytes_available", lambda: False)
     args = make_config(teacher_model_init_kwargs={"quantization_config": {"load_in_4bit": True}})
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         build(make_student(), str(tmp_path / "teacher"), tokenizer, task.prompt_dataset(), args)

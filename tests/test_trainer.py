@@ -179,6 +179,65 @@ def test_ignored_gkd_arguments_warn(make_config, make_student, teacher, tokenize
                                 formatting_func=lambda x: x)
 
 
+def test_distillation_trainers_positional_order_and_tools_are_refused_with_the_call_to_write(
+    make_config, make_student, teacher, tokenizer, task
+):
+    """trl.DistillationTrainer's positional order puts the dataset where GKDTrainer (and this trainer) take
+    `data_collator`: refused at once with the keyword call, not later with an unrelated error; `tools=` too."""
+    args = make_config()
+    with pytest.raises(TypeError, match=r"4th positional argument.*train_dataset=\.\.\., eval_dataset=\.\.\."):
+        ReverseKLDistillTrainer(make_student(), teacher, args, task.prompt_dataset(), None, tokenizer)
+    with pytest.raises(ValueError, match="`tools`.* is not supported"):
+        ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
+                                train_dataset=task.prompt_dataset(), processing_class=tokenizer, tools=[print])  # fmt: skip
+    # GKDTrainer's positional order works
+    trainer = ReverseKLDistillTrainer(make_student(), teacher, args, None, task.prompt_dataset(), None, tokenizer)
+    assert len(trainer.train_dataset) == len(task.prompt_dataset())
+
+
+def test_the_users_config_is_never_modified_and_no_warning_filter_outlives_a_rollout(
+    make_config, make_student, teacher, tokenizer, task
+):
+    import warnings
+
+    args = make_config(lm_loss_weight=None, max_steps=1)
+    before = copy.deepcopy(args.to_dict())
+    filters = list(warnings.filters)
+    trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher, args=args,
+                                      train_dataset=task.conversations(), processing_class=tokenizer)  # fmt: skip
+    trainer.train()
+    assert trainer.args.lm_loss_weight == 1.0 and args.lm_loss_weight is None
+    assert args.to_dict() == before
+    assert warnings.filters == filters  # running the trainer leaves the process's filters alone
+    assert not any(f[1] is not None and "is_gradient_checkpointing" in f[1].pattern for f in warnings.filters)
+
+
+def test_a_teacher_that_does_not_stay_frozen_stops_the_run(make_config, make_student, teacher, tokenizer, task):
+    """The teacher is checked at the first step and after training (examples/distill.py runs these checks under DDP,
+    ZeRO-3 and FSDP2 in test_distributed): in the optimizer, or put back in training mode, it is refused."""
+    from transformers import TrainerCallback
+
+    student = make_student()
+    optimizer = torch.optim.AdamW([*student.parameters(), *teacher.parameters()], lr=1e-3)
+    trainer = ReverseKLDistillTrainer(model=student, teacher_model=teacher, args=make_config(max_steps=2),
+                                      train_dataset=task.prompt_dataset(), processing_class=tokenizer,
+                                      optimizers=(optimizer, None))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"teacher must stay frozen, but at the first step \d+ of its parameters"):
+        trainer.train()
+
+    class UnfreezeTeacher(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer.teacher_model.train()
+
+    trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset(), max_steps=2)
+    trainer.add_callback(UnfreezeTeacher())
+    with pytest.raises(RuntimeError, match="teacher must stay frozen, but after training it is in training mode"):
+        trainer.train()
+    trainer = build(make_config, make_student(), teacher.eval(), tokenizer, task.prompt_dataset(), max_steps=2)
+    trainer.train()  # frozen as prepared: accepted
+    assert not trainer.teacher_model.training and not any(p.requires_grad for p in trainer.teacher_model.parameters())
+
+
 def test_short_run_lowers_reverse_kl(make_config, make_student, teacher, tokenizer, task):
     student = make_student()
     torch.manual_seed(123)

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from rkd_trl import ReverseKLDistillTrainer
+from rkd_trl.input_checks import check_distributed_setup
 
 from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 
@@ -165,21 +166,17 @@ def test_deepspeed_stops_before_the_backward_of_a_nonfinite_loss(make_config, ma
         trainer.compute_loss(trainer.model, inputs)
 
 
-def test_sharded_decoding_that_could_hang_is_rejected(make_config, make_student, teacher, tokenizer, task):
-    # Only the flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 and FSDP2 run in
+def test_sharded_decoding_that_could_hang_is_rejected(make_config):
+    # Only the backend's flags are simulated: FSDP and ZeRO-3 need accelerate launch set-ups (ZeRO-3 and FSDP2 run in
     # test_distributed).
-    trainer = build(make_config, make_student(), teacher, tokenizer, task.prompt_dataset())
-    trainer.is_fsdp_enabled = True
-    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=1)
+    args = make_config()
     with pytest.raises(ValueError, match=r"FSDP1 \(fsdp_version: 1\) is not supported; set `fsdp_version: 2`"):
-        trainer._check_distributed_setup(trainer.args)
-    trainer._dist = SimpleNamespace(is_zero3=False, fsdp_version=2)
-    trainer._check_distributed_setup(trainer.args)  # FSDP2: supported
-    trainer.is_fsdp_enabled = False
-    trainer._dist = SimpleNamespace(is_zero3=True)
-    trainer.args.ds3_gather_for_generation = False
+        check_distributed_setup(SimpleNamespace(is_fsdp=True, is_zero3=False, fsdp_version=1), args)
+    check_distributed_setup(SimpleNamespace(is_fsdp=True, is_zero3=False, fsdp_version=2), args)  # FSDP2: supported
+    args.ds3_gather_for_generation = False
     with pytest.raises(ValueError, match="ds3_gather_for_generation=False is not supported"):
-        trainer._check_distributed_setup(trainer.args)
+        check_distributed_setup(SimpleNamespace(is_fsdp=False, is_zero3=True, fsdp_version=None), args)
+    check_distributed_setup(SimpleNamespace(is_fsdp=False, is_zero3=False, fsdp_version=None), args)  # DDP: supported
 
 
 # ---------------------------------------------------------------- determinism, resume, checkpoints
@@ -380,7 +377,10 @@ def test_bad_input_is_rejected_when_the_trainer_is_built(make_config, make_stude
 def test_roles_the_chat_template_knows_are_accepted(make_config, make_student, teacher, tokenizer):
     """A template that writes each message's role (ChatML-like) knows the system role."""
     chat_tokenizer = copy.deepcopy(tokenizer)
-    chat_tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} -> {% endfor %}"
+    chat_tokenizer.chat_template = (  # answers end with EOS, as the chat-format check asks (test_chat_format.py)
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }}{% if m['role'] == 'assistant' %} </s>{% endif %} "
+        "-> {% endfor %}"
+    )
     dataset = _conversations([{"role": "system", "content": "q2"}, {"role": "user", "content": "q1"}])
     build(make_config, make_student(), teacher, chat_tokenizer, dataset)
 

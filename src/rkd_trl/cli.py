@@ -243,13 +243,12 @@ def evaluate_model(options) -> dict:
     """Answers of `options.model` to the dataset's prompts, scored against the reference completions (Rouge-L,
     exact match, length); with a teacher, also the Monte-Carlo reverse KL(model || teacher)
     (`metrics.reverse_kl_estimate`). Rows sharing a prompt are one prompt with several references."""
+    import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .data import to_prompt_completion
     from .metrics import exact_match, reverse_kl_estimate, rouge_l
-    from .trainer import to_prompt_completion
-
-    import torch
 
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or options.model)

@@ -64,6 +64,10 @@ class ReverseKLDistillConfig(DistillationConfig):
             pre-training loss `L_PT`). `None`: 1.0 when the trainer has such text, else off with a warning (on real
             models the on-policy reverse KL alone drives students into repetition loops, docs/benchmarks.md).
             `0.0` disables it.
+        degeneration_guard (`bool`, *optional*, defaults to `True`):
+            The trainer adds a `DegenerationGuard` callback (unless `callbacks` holds one): it warns once per signal
+            when the repeated 4-grams or the truncation of the rollouts or of the greedy answers rise well above their
+            first logged value (docs/reliability.md). `False`: no guard.
         loss_chunk_size (`int`, *optional*, defaults to `1024`):
             Number of completion tokens whose vocabulary logits are materialised at once in the loss. Bounds loss
             memory to `loss_chunk_size × vocab_size` floats; the result does not depend on it.
@@ -174,6 +178,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         default=20,
         metadata={"help": "Fewest optimizer steps between two greedy probes: bounds the probe's cost (one greedy "
                   "decode of a batch) to a small share of the steps whatever `logging_steps` is."},
+    )
+    degeneration_guard: bool = field(
+        default=True,
+        metadata={"help": "Add a DegenerationGuard callback (unless one is given): a warning when the rollouts' or the "
+                  "greedy answers' repeated 4-grams or truncation rise well above where the run started."},
     )
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Completion tokens whose vocabulary logits are materialised at once."}

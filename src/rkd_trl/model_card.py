@@ -4,7 +4,9 @@ and a model object without a name by its class. The name of a model is the `conf
 set it to name a model object (`teacher.config.name_or_path = "org/teacher"`)."""
 
 import os
+import re
 
+from huggingface_hub import ModelCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 HUB_URL = "https://huggingface.co"
@@ -45,3 +47,59 @@ def origin_sentence(student, teacher, dataset_name: str | None) -> str:
         f"This model is a fine-tuned version of {model_reference(student)}, distilled from "
         f"{model_reference(teacher)}{f' on {dataset}' if dataset else ''}."
     )
+
+
+# Settings and metrics the card's "Distillation" section reports, in this order; metrics are the last logged value.
+CARD_SETTINGS = ("teacher_mix_alpha", "gamma", "length_normalization", "whiten_advantages",
+                 "single_step_regularization", "policy_gradient", "ppo_clip_epsilon", "ppo_epochs", "reward_scaling",
+                 "reward_clip", "importance_weight_max", "lm_loss_weight", "temperature", "max_completion_length",
+                 "learning_rate")  # fmt: skip
+CARD_METRICS = ("minillm/reverse_kl", "minillm/reward_mean", "minillm/importance_weight_mean", "minillm/clip_fraction",
+                "completions/mean_length", "completions/clipped_ratio", "loss/single_step", "loss/policy_gradient",
+                "loss/lm", "entropy", "train_loss")  # fmt: skip
+
+
+def distillation_section(args, teacher, global_batch: int, steps: int, log_history: list[dict]) -> str:
+    """The card's "Distillation" section: the teacher, the objective, the settings and the last logged metrics."""
+    lines = [
+        "### Distillation",
+        "",
+        (
+            f"Teacher: {model_reference(teacher)}. Objective: sequence-level reverse KL "
+            "`KL(student || teacher)` minimised by policy gradient (MiniLLM), on completions sampled from "
+            "`teacher_mix_alpha · teacher + (1 - teacher_mix_alpha) · student`."
+        ),
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| `{name}` | {getattr(args, name)} |" for name in CARD_SETTINGS),
+        f"| global batch (prompts per optimizer step) | {global_batch} |",
+        f"| optimizer steps | {steps} |",
+        "",
+    ]
+    last_logged = {}
+    for entry in log_history:
+        last_logged.update({key: value for key, value in entry.items() if key in CARD_METRICS})
+    if last_logged:
+        lines += ["Last logged training metrics (names as in rkd-trl's docs/logging.md):", "",
+                  "| metric | value |", "|---|---|"]  # fmt: skip
+        lines += [f"| `{name}` | {last_logged[name]:.4g} |" for name in CARD_METRICS if name in last_logged]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def complete_trl_card(path, student, teacher, dataset_name, license, quick_start_model: str, section: str) -> None:
+    """Rewrite the card TRL's template wrote at `path`: the Hub metadata (license, base model and dataset only when
+    they are Hub ids), the origin sentence, the quick-start snippet's model and the "Distillation" section."""
+    card = ModelCard.load(path)
+    card.data.pop("licence")  # a placeholder of TRL's template, not the Hub's `license` field
+    card.data.license = license
+    card.data.base_model = hub_repo_id(student.config.name_or_path)
+    hub_dataset = hub_repo_id(dataset_name)
+    card.data.datasets = [hub_dataset] if hub_dataset else None  # the Hub's metadata schema: a list of ids
+    origin = origin_sentence(student, teacher, dataset_name)
+    card.text = re.sub(r"^This model is a fine-tuned version of .*$", lambda _: origin, card.text, count=1,
+                       flags=re.MULTILINE)  # fmt: skip
+    card.text = card.text.replace('model="None"', f'model="{quick_start_model}"', 1)
+    card.text = card.text.replace("### Framework versions", section + "### Framework versions", 1)
+    card.save(path)
