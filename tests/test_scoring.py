@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers.cache_utils import Cache
 
@@ -182,6 +183,18 @@ def test_probe_refuses_a_model_whose_incremental_scores_differ_from_its_forward(
     model.forward = forward_off_when_cached.__get__(model)
     with pytest.raises(ValueError, match="student .*model_type='llama'.*cannot be decoded token by token"):
         verify_scoring(model, len(tokenizer), tokenizer.pad_token_id, "student")
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16 autocast"])
+def test_probe_refuses_a_model_whose_scores_are_random_in_eval_mode(make_student, teacher, tokenizer, precision):
+    """A dropout that ignores `eval()` makes every forward random: the noise floor, measured with the same random
+    forwards, would grow with it and accept anything; two forwards of the same tokens tell. A teacher without it
+    passes (its identical forwards agree)."""
+    compute_dtype = torch.bfloat16 if precision == "bf16 autocast" else None
+    verify_scoring(teacher, len(tokenizer), tokenizer.pad_token_id, "teacher", compute_dtype)
+    teacher.model.norm.register_forward_hook(lambda module, args, output: F.dropout(output, p=0.3, training=True))
+    with pytest.raises(ValueError, match="teacher .*does not score deterministically: two plain forwards"):
+        verify_scoring(teacher, len(tokenizer), tokenizer.pad_token_id, "teacher", compute_dtype)
 
 
 def test_probe_refuses_a_model_whose_forward_raises(make_student, tokenizer):

@@ -657,6 +657,7 @@ class _ForwardProbe:
             self.head = OutputHead(lm, vocab_size)
             try:
                 all_logits = lm(**arguments).logits[valid].float()
+                repeated_logits = lm(**arguments).logits[valid].float()
                 head_logits = self.head(final_hidden_states(lm, input_ids, attention_mask)[valid])
                 self.noise = measure_noise_floor(lm, input_ids, attention_mask, vocab_size, compute_dtype)
             except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
@@ -665,6 +666,21 @@ class _ForwardProbe:
                     "attention mask, as `generate` gives them), or its output head on its final hidden states, raises "
                     f"{type(error).__name__}: {error}"
                 ) from error
+        # The same forward twice must give the same scores: the noise floor cannot tell a random forward (dropout
+        # that ignores eval mode, non-deterministic kernels) from rounding, since its own forwards would be random too.
+        repeat = distribution_discrepancy(
+            F.log_softmax(all_logits[:, :vocab_size], -1), F.log_softmax(repeated_logits[:, :vocab_size], -1)
+        )
+        dtype = compute_dtype or parameter_dtype(lm)
+        if not repeat <= scoring_tolerance(dtype):
+            raise ValueError(
+                f"{model_named} does not score deterministically: two plain forwards of the same tokens in "
+                f"{_dtype_name(dtype)} give next-token distributions {_describe(repeat)} apart (expected error in a "
+                f"sampled token's log-probability at the worst position; at most {scoring_tolerance(dtype):.2g} "
+                "accepted). Its forward is random in eval mode: a dropout that ignores `model.eval()` (a "
+                "`F.dropout(..., training=True)` or a custom layer), or non-deterministic kernels "
+                "(`torch.use_deterministic_algorithms(True)` shows which). Rewards from such scores are noise."
+            )
         self.head_discrepancy = distribution_discrepancy(
             F.log_softmax(all_logits[:, :vocab_size], -1), F.log_softmax(head_logits, -1)
         )
