@@ -68,6 +68,7 @@ def record_rollouts(records):
         rollout = sample(student, teacher, *args, **kwargs)
         records.append({
             "decode_steps": rollout.completion_ids.size(1),
+            "teacher_calls": rollout.teacher_calls,
             "all_gathers_in_decode": all_gathers["count"] - before,
             "teacher": parameter_layout(teacher),
             "student": parameter_layout(student),
@@ -91,9 +92,12 @@ def main(output_dir: Path):
     records = []
     record_rollouts(records)
     result = {"process": state.process_index, "runs": []}
-    for alpha in (0.2, 0.0):
+    # top_k=1: the teacher in the decode loop at every step (the per-step path of a filtered mixture); top_k=0: the
+    # one-coin sampler, the teacher catching up at its own steps in one cached forward.
+    for alpha, top_k in ((0.2, 1), (0.2, 0), (0.0, 1)):
         args = ReverseKLDistillConfig(
-            output_dir=str(output_dir / f"alpha{alpha}"), max_new_tokens=6, teacher_mix_alpha=alpha, top_k=1,
+            output_dir=str(output_dir / f"alpha{alpha}-top_k{top_k}"), max_new_tokens=6, teacher_mix_alpha=alpha,
+            top_k=top_k,
             lm_loss_weight=0.5, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, logging_steps=1,
             report_to=[], bf16=False, use_cpu=True, save_strategy="no", seed=0,
         )  # fmt: skip
@@ -108,6 +112,7 @@ def main(output_dir: Path):
         trainer.train()
         result["runs"].append({
             "alpha": alpha,
+            "top_k": top_k,
             "teacher_at_start": teacher_at_start,
             "teacher_after_training": parameter_layout(trainer.teacher_model),
             "rollouts": list(records),

@@ -128,7 +128,8 @@ def test_every_process_ends_with_the_published_best_checkpoint(tmp_path):
 
 def test_fsdp2_shards_the_teacher_and_gathers_each_model_once_per_rollout(tmp_path):
     # Process 0 decodes 6 steps, process 1 one step (tests/distributed_fsdp2_rollouts.py), for α = 0.2 (both models
-    # in the decode loop) and α = 0 (the teacher scores in one parallel forward). With collectives in the decode loop
+    # in the decode loop: the teacher at every step with top_k=1, catching up at its own steps with top_k=0) and
+    # α = 0 (the teacher scores in one parallel forward). With collectives in the decode loop
     # the processes would wait for each other forever: the timeout turns that into a failure.
     try:
         result = launch_two_processes(
@@ -164,5 +165,8 @@ def test_fsdp2_shards_the_teacher_and_gathers_each_model_once_per_rollout(tmp_pa
             # ... and the same number over the whole rollout on both processes (6 steps and 1 step).
             assert rollout_0["all_gathers_in_rollout"] == rollout_1["all_gathers_in_rollout"] > 0, alpha
         assert run_0["losses"] == run_1["losses"] and len(run_0["losses"]) == 2, alpha
+    # The one-coin sampler's teacher ran at its own steps only: fewer teacher forwards than at every step.
+    per_step, catch_up = (sum(r["teacher_calls"] for r in processes[0]["runs"][i]["rollouts"]) for i in (0, 1))
+    assert processes[0]["runs"][1]["top_k"] == 0 and catch_up < per_step, (catch_up, per_step)
     # A NaN in one process's shard of the teacher stops every process, not just the one holding it.
     assert processes[0]["nan_in_one_shard_raised"] and processes[1]["nan_in_one_shard_raised"]
