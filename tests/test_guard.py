@@ -138,3 +138,14 @@ def test_the_greedy_probe_leaves_training_as_it_is_without_it(make_config, make_
 
     with_probe, without = final_weights(True), final_weights(False)
     assert torch.equal(with_probe, without)
+
+
+def test_evaluation_rollouts_leave_the_probes_schedule_alone(make_config, make_student, teacher, tokenizer, task):
+    """Only training rollouts ask the schedule (which records each probe it grants): an evaluation rollout at a
+    logging step must not take the next training probe's place."""
+    trainer = ReverseKLDistillTrainer(model=make_student(), teacher_model=teacher,
+                                      args=make_config(logging_steps=1, max_new_tokens=3),
+                                      train_dataset=task.prompt_dataset(), processing_class=tokenizer)  # fmt: skip
+    trainer.model.eval()
+    trainer._generate_and_score_completions([{"prompt": row["prompt"]} for row in task.prompt_dataset()][:2])
+    assert trainer._greedy_probe.last_step is None

@@ -15,7 +15,7 @@ from trl.data_utils import is_conversational
 from trl.distributed import DistributedBackend
 from trl.trainer.utils import create_model_from_path
 
-from .crosstokenizer import teacher_eos_token_ids, teacher_turn_end_ids
+from .crosstokenizer import CONTENT_SENTINEL, teacher_eos_token_ids, teacher_turn_end_ids
 from .scoring import same_vocabulary
 
 logger = logging.get_logger(__name__)
@@ -141,8 +141,6 @@ def check_chat_formats(student_tokenizer, teacher_tokenizer, prompt, eos_token_i
     tokens. Where they differ only while the conversation has no system message (a default system prompt of one
     template) it is a warning; any other difference (end-of-turn token, generation prompt, special tokens) is refused
     with both renderings and the fixes. Plain-text prompts and a teacher without a chat template are not checked."""
-    from .crosstokenizer import CONTENT_SENTINEL
-
     if not is_conversational({"prompt": prompt}) or getattr(student_tokenizer, "chat_template", None) is None:
         return
     answered = [*prompt, {"role": "assistant", "content": CONTENT_SENTINEL}]

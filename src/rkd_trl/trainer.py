@@ -365,9 +365,9 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 drop_ended_rows=self._drop_ended_rows,
                 teacher_catch_up=self._teacher_catch_up,
             )
-            due = self._greedy_probe.due(self.state.global_step, self.args.logging_steps, self.state.max_steps,
-                                         self.args.ppo_epochs)  # fmt: skip
-            if mode == "train" and self.args.greedy_probe and due:
+            if mode == "train" and self.args.greedy_probe and self._greedy_probe.due(
+                self.state.global_step, self.args.logging_steps, self.state.max_steps, self.args.ppo_epochs
+            ):  # `due` records the probe: asked in training rollouts only, as before
                 self._log_greedy_probe(student, prompt_ids, prompt_mask)
             scored_mask, teacher_token_counts = rollout.completion_mask, None
             if self._cross_tokenizer_teacher is not None:
