@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rkd_trl.models import keep_layers, load_smollm2
+from rkd_trl.demo.models import keep_layers, load_smollm2
 from rkd_trl.sampling import sample_teacher_mixed
 from rkd_trl.scoring import compute_precision
 

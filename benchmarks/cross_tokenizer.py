@@ -40,10 +40,10 @@ from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.instructions import Answers, cached_teacher_answers, load_instructions
-from rkd_trl.metrics import cross_tokenizer_answer_quality
-from rkd_trl.models import default_cache_dir, load_smollm2
-from rkd_trl.synthetic import tiny_causal_lm, train_bpe_tokenizer, train_causal_lm
+from rkd_trl.demo.instructions import Answers, cached_teacher_answers, load_instructions
+from rkd_trl.demo.models import default_cache_dir, load_smollm2
+from rkd_trl.demo.synthetic import tiny_causal_lm, train_bpe_tokenizer, train_causal_lm
+from rkd_trl.evaluation.metrics import cross_tokenizer_answer_quality
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = "docs/benchmarks/cross_tokenizer.json"

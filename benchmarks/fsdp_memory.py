@@ -55,7 +55,7 @@ def child(output: Path, options) -> None:
     from transformers import TrainerCallback
 
     from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-    from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm
+    from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm
 
     torch.set_num_threads(1)
     baseline = resident_mib("VmRSS")

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
+from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
 
 
 def resident_mib() -> float:

@@ -98,7 +98,7 @@ def head_discrepancy(probe) -> float:
 
 
 def real_model() -> dict:
-    from rkd_trl.models import keep_layers, load_smollm2
+    from rkd_trl.demo.models import keep_layers, load_smollm2
 
     teacher, tokenizer = load_smollm2()
     results = {}

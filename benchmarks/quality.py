@@ -35,8 +35,9 @@ from trl import SFTConfig, SFTTrainer
 from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.demo import TASKS
-from rkd_trl.metrics import (
+from rkd_trl.demo.run import TASKS
+from rkd_trl.demo.synthetic import cached_teacher, tiny_causal_lm, train_causal_lm
+from rkd_trl.evaluation.metrics import (
     distinct_n,
     exposure_bias,
     forward_kl_estimate,
@@ -46,7 +47,6 @@ from rkd_trl.metrics import (
     sample_with_scores,
     validity,
 )
-from rkd_trl.synthetic import cached_teacher, tiny_causal_lm, train_causal_lm
 
 DEFAULT_RESULTS = "docs/benchmarks/quality_results.json"
 METHODS = [
@@ -75,7 +75,7 @@ class BenchmarkSettings:
     selection_seed: int = 0
     learning_rates: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     steps: int = 200
-    sft_steps: int | None = None  # None: the task's default (rkd_trl.demo.TASKS)
+    sft_steps: int | None = None  # None: the task's default (rkd_trl.demo.run.TASKS)
     batch_size: int = 16
     seqkd_samples_per_prompt: int = 32
     eval_samples_per_prompt: int = 32
@@ -425,7 +425,7 @@ def task_descriptions(task_names) -> str:
             f"({teacher['steps']} steps); student {student['hidden_size']}-dim × {student['num_layers']} layer "
             f"({spec['sft_steps']} SFT steps)"
         )
-    return "Tasks (`rkd_trl.demo.TASKS`): " + "; ".join(lines) + "."
+    return "Tasks (`rkd_trl.demo.run.TASKS`): " + "; ".join(lines) + "."
 
 
 def write_report(results, command, minutes, docs_path: Path, reading: str):

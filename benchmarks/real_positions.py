@@ -5,7 +5,7 @@ in an answer than late; a method whose answers are shorter then scores a higher 
 at any position. This script trains the students of `real_quality.py` again (the same `Benchmark`, settings and
 seeds; each saved under the work dir and reloaded on a later call), and measures on the `test` prompts, with the same
 sampling seed for every student, the exact reverse KL over the vocabulary at each position of 4 samples per prompt
-(`rkd_trl.metrics.reverse_kl_by_position`). Its table gives the reverse KL per token and per sequence from that
+(`rkd_trl.evaluation.metrics.reverse_kl_by_position`). Its table gives the reverse KL per token and per sequence from that
 exact form (less noisy than the sampled log-ratios of `real_quality.py`), the reverse KL in bands of positions, and
 the per-token figure standardised to one length profile: the KL at each position weighted by how many of the SFT
 student's samples reach it, the same weights for every method. The committed results ran one thread per process
@@ -59,7 +59,7 @@ def measure(student, bench, limit_prompts=None) -> dict:
     """The position-by-position record of one student (sums and counts, so that seeds pool exactly)."""
     import torch
 
-    from rkd_trl.metrics import reverse_kl_by_position
+    from rkd_trl.evaluation.metrics import reverse_kl_by_position
 
     torch.manual_seed(SAMPLING_SEED)
     prompts = bench.eval_prompts[:limit_prompts]

@@ -37,12 +37,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from rkd_trl.metrics import bootstrap_interval  # noqa: E402  (after the settings above: it imports transformers)
+from rkd_trl.evaluation.metrics import bootstrap_interval  # noqa: E402  (after the settings above: it imports transformers)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
 STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
 SFT450_RESULTS = REPO / "docs" / "benchmarks" / "real_quality_sft450.json"
+LM_SHARE_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_share.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
 # The defaults before whitening was turned off (the study below), and the ablations that ran with them.
@@ -78,7 +79,10 @@ STUDY = {
     "α=0, LM loss 1, no whitening": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 1.0, "whiten_advantages": False},
     "α=0.2, LM loss 1, no policy gradient": {"teacher_mix_alpha": 0.2, "lm_loss_weight": 1.0, "policy_gradient": False},
 }
-VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True}}
+# The LM loss on a random quarter of each batch's rows (`--lm-share`): the defaults otherwise.
+LM_SHARE = "ours, LM loss on 1/4 of the rows"
+VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True},
+            LM_SHARE: {"lm_loss_row_share": 0.25}}  # fmt: skip
 
 
 @dataclass
@@ -115,6 +119,8 @@ SMOKE = Settings(
 # memorises; ours against GKD JSD, every seed at both learning rates.
 SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
                            ablations=False, methods=["ours", "GKD JSD"])  # fmt: skip
+LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 2], later_seed_learning_rates=None,
+                             ablations=False, methods=["ours", LM_SHARE])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -143,8 +149,8 @@ class Benchmark:
     def __init__(self, settings: Settings, work_dir: Path):
         import torch
 
-        from rkd_trl.instructions import cached_teacher_answers, load_instructions
-        from rkd_trl.models import load_smollm2
+        from rkd_trl.demo.instructions import cached_teacher_answers, load_instructions
+        from rkd_trl.demo.models import load_smollm2
 
         self.settings = settings
         self.work_dir = work_dir
@@ -167,8 +173,8 @@ class Benchmark:
         """The SFT-initialised student (cached under the work dir, keyed by the settings that make it)."""
         from transformers import AutoModelForCausalLM
 
-        from rkd_trl.instructions import sft_student
-        from rkd_trl.models import keep_layers
+        from rkd_trl.demo.instructions import sft_student
+        from rkd_trl.demo.models import keep_layers
 
         s = self.settings
         path = sft_student_path(s, self.work_dir)
@@ -184,7 +190,7 @@ class Benchmark:
         return student.eval()
 
     def evaluate(self, student, seed=0):
-        from rkd_trl.metrics import answer_quality
+        from rkd_trl.evaluation.metrics import answer_quality
 
         s = self.settings
         return answer_quality(
@@ -195,7 +201,7 @@ class Benchmark:
     def trainer(self, method: str, student, learning_rate: float, seed: int):
         from datasets import Dataset
 
-        from rkd_trl.instructions import conversations, user_turns
+        from rkd_trl.demo.instructions import conversations, user_turns
 
         s = self.settings
         common = dict(
@@ -373,7 +379,7 @@ def speed_table(results: dict) -> str:
 def prompt_scores(results: dict, method: str, learning_rate: float | None = None) -> tuple[list[float], int]:
     """Rouge-L (× 100) of `method`'s greedy answers against the teacher's, prompt by prompt, averaged over its seeds at
     `learning_rate` (the teacher and the SFT init: their one set of answers), and the number of seeds."""
-    from rkd_trl.metrics import rouge_l_scores
+    from rkd_trl.evaluation.metrics import rouge_l_scores
 
     if method in ("teacher", "SFT init"):
         groups = [results[method]]
@@ -434,10 +440,23 @@ def paired_table(paired=PAIRED) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_share_table(results: dict) -> str:
+    """`method_table` of the `--lm-share` runs, then each method's training seconds per step (mean over its runs)."""
+    steps = results["settings"]["steps"]
+    lines = [method_table(results, results["settings"]["methods"]), "| method | runs | training s / step |",
+             "|---|---|---|"]  # fmt: skip
+    for method in results["settings"]["methods"]:
+        seconds = [r["train_seconds"] / steps for r in results["runs"] if r["method"] == method]
+        lines.append(f"| {method} | {len(seconds)} | {statistics.fmean(seconds):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def doc_blocks() -> dict[str, str]:
     """Generated blocks of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
     study = json.loads(STUDY_RESULTS.read_text())
     blocks = {"real-study": method_table(study, study["settings"]["methods"])}
+    if LM_SHARE_RESULTS.exists():
+        blocks["real-lm-share"] = lm_share_table(json.loads(LM_SHARE_RESULTS.read_text()))
     if not RESULTS.exists():
         return blocks
     results = json.loads(RESULTS.read_text())
@@ -459,6 +478,8 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny settings, results to a scratch file")
     parser.add_argument("--study", action="store_true", help=f"the study behind the defaults ({STUDY_RESULTS.name})")
     parser.add_argument("--sft450", action="store_true", help=f"from a memorised SFT start ({SFT450_RESULTS.name})")
+    parser.add_argument("--lm-share", action="store_true",
+                        help=f"the LM loss on a quarter of the rows against the defaults, on dev ({LM_SHARE_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--all-rates-for-later-seeds", action="store_true",
@@ -468,7 +489,8 @@ def main(argv=None):
     parser.add_argument("--results", default=None, help=f"results JSON (default: {RESULTS.relative_to(REPO)})")
     options = parser.parse_args(argv)
     presets = ((options.smoke, SMOKE, None), (options.study, STUDY_SETTINGS, STUDY_RESULTS),
-               (options.sft450, SFT450_SETTINGS, SFT450_RESULTS))  # fmt: skip
+               (options.sft450, SFT450_SETTINGS, SFT450_RESULTS),
+               (options.lm_share, LM_SHARE_SETTINGS, LM_SHARE_RESULTS))  # fmt: skip
     settings, default = next(((s, path) for chosen, s, path in presets if chosen), (Settings(), RESULTS))
     if options.all_rates_for_later_seeds:
         settings = replace(settings, later_seed_learning_rates=None)

@@ -42,7 +42,7 @@ def loop_positions(tokens: list[int], n: int = 4) -> list[bool]:
 
 def anatomy(student, teacher, tokenizer, prompts, max_new_tokens, samples, args, seed=0) -> dict:
     from rkd_trl.advantages import advantages_from_rollout
-    from rkd_trl.metrics import sample_with_scores
+    from rkd_trl.evaluation.metrics import sample_with_scores
 
     torch.manual_seed(seed)
     rollout, _ = sample_with_scores(student, teacher, tokenizer, [p for p in prompts for _ in range(samples)],

@@ -35,8 +35,8 @@ from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
 from rkd_trl import trainer as rkd_trainer_module
+from rkd_trl.demo.synthetic import build_tokenizer, tiny_causal_lm
 from rkd_trl.scoring import language_model_backbone
-from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import DOCS, write_section
@@ -135,6 +135,9 @@ class StepRunner:
 
     def __init__(self, trainer):
         self.trainer = trainer
+        # As `Trainer.train` holds the student: prepared by accelerate, which wraps its forward in autocast under
+        # mixed precision (without this the student would run in float32 whatever `bf16` says).
+        trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
         trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by `train`
@@ -479,9 +482,9 @@ def real_setup(options):
     from real_quality import REPO, Settings, sft_student_path
     from transformers import AutoModelForCausalLM
 
-    from rkd_trl.instructions import cached_teacher_answers, load_instructions
-    from rkd_trl.instructions import conversations as instruction_conversations
-    from rkd_trl.models import keep_layers, load_smollm2
+    from rkd_trl.demo.instructions import cached_teacher_answers, load_instructions
+    from rkd_trl.demo.instructions import conversations as instruction_conversations
+    from rkd_trl.demo.models import keep_layers, load_smollm2
 
     settings, work_dir = Settings(), REPO / "benchmarks" / ".cache" / "real" / "full"
     teacher, tokenizer = load_smollm2()

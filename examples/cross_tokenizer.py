@@ -14,9 +14,9 @@ before/after figures) is `benchmarks/cross_tokenizer.py`, reported in docs/bench
 from datasets import Dataset
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.instructions import load_instructions, user_turns
-from rkd_trl.models import load_smollm2
-from rkd_trl.synthetic import tiny_causal_lm, train_bpe_tokenizer
+from rkd_trl.demo.instructions import load_instructions, user_turns
+from rkd_trl.demo.models import load_smollm2
+from rkd_trl.demo.synthetic import tiny_causal_lm, train_bpe_tokenizer
 
 teacher, teacher_tokenizer = load_smollm2()
 prompts = load_instructions("train")

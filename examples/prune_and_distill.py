@@ -14,8 +14,8 @@ benchmarks/real_quality.py compares it with GKD, DistillationTrainer and SeqKD (
 import argparse
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.instructions import cached_teacher_answers, conversations, load_instructions, sft_student
-from rkd_trl.models import keep_layers, load_smollm2
+from rkd_trl.demo.instructions import cached_teacher_answers, conversations, load_instructions, sft_student
+from rkd_trl.demo.models import keep_layers, load_smollm2
 
 
 def main():

@@ -21,7 +21,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rkd_trl.synthetic import build_tokenizer
+from rkd_trl.demo.synthetic import build_tokenizer
 
 VOCAB_SIZE = 64
 WINDOW = 4

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from rkd_trl import ReverseKLDistillConfig  # noqa: E402
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm, train_bpe_tokenizer, train_causal_lm  # noqa: E402
+from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm, train_bpe_tokenizer, train_causal_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import sys
 from accelerate import PartialState
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm
+from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm
 
 state = PartialState()
 task = MultiAnswerTask(num_prompts=8, answers_per_prompt=3, answer_length=3, num_letters=6, seed=0)

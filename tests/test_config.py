@@ -23,6 +23,8 @@ def make(tmp_path, **kwargs):
         ("loss_chunk_size", 0, "loss_chunk_size must be >= 1"),
         ("max_new_tokens", 0, "max_completion_length must be >= 1"),
         ("lm_loss_weight", -1.0, "lm_loss_weight must be >= 0"),
+        ("lm_loss_row_share", 0.0, "lm_loss_row_share must be in"),
+        ("lm_loss_row_share", 1.5, "lm_loss_row_share must be in"),
         ("temperature", 0.0, "temperature must be > 0"),
         ("max_consecutive_nonfinite_steps", -1, "max_consecutive_nonfinite_steps must be >= 0"),
         ("use_vllm", True, "use_vllm=True is not supported"),
@@ -70,3 +72,33 @@ def test_activation_checkpointing_is_on_by_default_without_a_deprecation_warning
         assert make(tmp_path, activation_checkpointing=False).gradient_checkpointing is False  # the alias mirrors it
     with pytest.warns(FutureWarning, match="`gradient_checkpointing` is deprecated"):  # transformers' warning
         assert make(tmp_path, gradient_checkpointing=False).activation_checkpointing is False  # the alias still works
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_unset_bf16_means_float32_on_a_cpu_that_emulates_bf16(tmp_path, monkeypatch, caplog, native):
+    """Decided explicitly for both kinds of CPU, so the test does not depend on the machine it runs on."""
+    import rkd_trl.config
+
+    monkeypatch.setattr(rkd_trl.config, "cpu_computes_bf16_natively", lambda: native)
+    with caplog.at_level("INFO", logger="rkd_trl.config"):
+        config = ReverseKLDistillConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert config.bf16 is native  # TRL's default (on) where the CPU computes bf16, float32 where it emulates it
+    assert ("training in float32" in caplog.text) is not native
+    explicit = ReverseKLDistillConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True)
+    assert explicit.bf16 is True  # asked for: kept, emulated or not
+    fp16 = ReverseKLDistillConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, fp16=True)
+    assert fp16.fp16 and not fp16.bf16
+
+
+def test_native_bf16_check_reads_the_cpu(monkeypatch):
+    import torch
+
+    import rkd_trl.config
+
+    monkeypatch.setattr(rkd_trl.config.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda value=amx: value)
+        assert rkd_trl.config.cpu_computes_bf16_natively() is expected
+    monkeypatch.setattr(rkd_trl.config.platform, "machine", lambda: "aarch64")
+    assert rkd_trl.config.cpu_computes_bf16_natively() is True  # not checked there: TRL's default kept

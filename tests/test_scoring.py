@@ -3,9 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
+from defects import DEFECTS, reordered_cache_loses_a_row
 from peft import LoraConfig, get_peft_model
 from transformers.cache_utils import Cache
 
+from rkd_trl.demo.synthetic import build_tokenizer, tiny_causal_lm
 from rkd_trl.losses import lm_loss_sum
 from rkd_trl.scoring import (
     NOISE_MULTIPLE,
@@ -23,10 +26,6 @@ from rkd_trl.scoring import (
     shared_vocab_size,
     verify_scoring,
 )
-from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
-
-from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
-from defects import DEFECTS, reordered_cache_loses_a_row
 
 
 def test_output_logits_reproduce_the_model_forward(tokenizer, make_student):

@@ -4,7 +4,7 @@ from collections import defaultdict
 
 import torch
 
-from rkd_trl.synthetic import ChainTask, MultiAnswerTask, cached_teacher
+from rkd_trl.demo.synthetic import ChainTask, MultiAnswerTask, cached_teacher
 
 
 def test_multi_answer_task_answers_and_checker():

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from datasets import Dataset
 from peft import LoraConfig
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
-from rkd_trl.metrics import reverse_kl_estimate
+from rkd_trl.evaluation.metrics import reverse_kl_estimate
 
 
 def build(make_config, student, teacher, tokenizer, dataset, **config):
@@ -279,6 +280,22 @@ def test_lm_loss_on_reference_completions_and_on_lm_dataset(make_config, make_st
     assert any("loss/lm" in entry for entry in trainer.state.log_history)
 
 
+def test_lm_loss_row_share_runs_the_lm_forward_on_that_share_of_the_rows(
+    make_config, make_student, teacher, tokenizer, task, monkeypatch
+):
+    import rkd_trl.trainer
+
+    rows, forward = [], rkd_trl.trainer.hidden_states_for_head
+    monkeypatch.setattr(rkd_trl.trainer, "hidden_states_for_head",
+                        lambda model, ids, *rest: rows.append(ids.size(0)) or forward(model, ids, *rest))  # fmt: skip
+    trainer = build(make_config, make_student(), teacher, tokenizer, task.conversations(), lm_loss_weight=1.0,
+                    lm_loss_row_share=0.25, per_device_train_batch_size=4, max_steps=2)  # fmt: skip
+    trainer.train()
+    assert rows == [4, 1, 4, 1]  # per step: the completions (4 rows), then the LM loss on ceil(0.25 x 4) = 1 row
+    lm = [entry["loss/lm"] for entry in trainer.state.log_history if "loss/lm" in entry]
+    assert len(lm) == 2 and all(math.isfinite(value) for value in lm)
+
+
 def test_lm_loss_is_on_by_default_when_there_is_text_to_model(make_config, make_student, teacher, tokenizer, task):
     """lm_loss_weight=None: 1.0 with reference completions (GKD's `messages`, or `lm_dataset`), off with a warning
     that says what to do for prompts alone; an explicit 0.0 is off and silent."""
@@ -326,7 +343,7 @@ def test_long_prompts_are_rejected(make_config, make_student, teacher, tokenizer
 
 
 def test_teacher_with_another_tokenizer_is_rejected(tmp_path, make_config, make_student, tokenizer, task):
-    from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
+    from rkd_trl.demo.synthetic import build_tokenizer, tiny_causal_lm
 
     # Same vocabulary size, different token -> id map.
     words = [f"w{i}" for i in range(len(tokenizer) - 5)]

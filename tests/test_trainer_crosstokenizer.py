@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rkd_trl import ReverseKLDistillTrainer
-from rkd_trl.synthetic import build_tokenizer, tiny_causal_lm
+from rkd_trl.demo.synthetic import build_tokenizer, tiny_causal_lm
 
 CROSS = {"teacher_mix_alpha": 0.0, "single_step_regularization": False}
 

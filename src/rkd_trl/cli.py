@@ -37,8 +37,26 @@ def quiet_library_notices():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# What the commands other than `train` need beyond the core's dependencies: the extras of setup.cfg.
+EXTRAS = {
+    "evaluation": ("evaluate", "rouge_score", "nltk"),
+    "demo": ("evaluate", "rouge_score", "nltk", "matplotlib", "gguf"),
+}
+
+
+def require_extra(extra: str):
+    """Stops with the pip command to run when a library of the extra `extra` is not installed."""
+    import importlib.util
+
+    missing = [name for name in EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"rkd-trl: this command needs {', '.join(missing)}, not installed: "
+                         f"pip install 'rkd-trl[{extra}]'")  # fmt: skip
+
+
 def _demo(options):
-    from .demo import DemoSettings, run_demo
+    require_extra("demo")
+    from .demo.run import DemoSettings, run_demo
 
     run_demo(
         DemoSettings(
@@ -243,12 +261,13 @@ def evaluate_model(options) -> dict:
     """Answers of `options.model` to the dataset's prompts, scored against the reference completions (Rouge-L,
     exact match, length); with a teacher, also the Monte-Carlo reverse KL(model || teacher)
     (`metrics.reverse_kl_estimate`). Rows sharing a prompt are one prompt with several references."""
+    require_extra("evaluation")
     import torch
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .data import to_prompt_completion
-    from .metrics import exact_match, reverse_kl_estimate, rouge_l
+    from .evaluation.metrics import exact_match, reverse_kl_estimate, rouge_l
 
     torch.manual_seed(options.seed)
     tokenizer = AutoTokenizer.from_pretrained(options.tokenizer or options.model)

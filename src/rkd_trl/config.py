@@ -1,9 +1,27 @@
 """Configuration of the reverse-KL (MiniLLM) distillation trainer."""
 
+import logging
+import platform
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from trl import DistillationConfig
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_computes_bf16_natively() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (x86 `avx512_bf16` or AMX). Without them torch emulates
+    every bf16 product: measured 3.4x float32's time per product on a 2-core AVX-512 CPU without either
+    (docs/benchmarks/bf16_rollout.json). Other architectures than x86 are taken to have them (not checked)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def trains_on_cpu(use_cpu: bool) -> bool:
+    return use_cpu or not torch.accelerator.is_available()
 
 
 @dataclass
@@ -64,6 +82,11 @@ class ReverseKLDistillConfig(DistillationConfig):
             pre-training loss `L_PT`). `None`: 1.0 when the trainer has such text, else off with a warning (on real
             models the on-policy reverse KL alone drives students into repetition loops, docs/benchmarks.md).
             `0.0` disables it.
+        lm_loss_row_share (`float`, *optional*, defaults to `1.0`):
+            Share of each micro-batch's LM-loss rows (reference completions or `lm_dataset` texts) the LM loss is
+            computed on: `ceil(share × rows)` rows drawn at random, their token losses scaled by rows / drawn, so that
+            the loss is an unbiased estimate of the one over every row at a fraction of its forward and backward.
+            `1.0`: every row.
         degeneration_guard (`bool`, *optional*, defaults to `True`):
             The trainer adds a `DegenerationGuard` callback (unless `callbacks` holds one): it warns once per signal
             when the repeated 4-grams or the truncation of the rollouts or of the greedy answers rise well above their
@@ -168,6 +191,11 @@ class ReverseKLDistillConfig(DistillationConfig):
         metadata={"help": "Weight of the LM loss on reference completions or on `lm_dataset`. None = 1.0 when "
                   "there is such text, else off (with a warning). 0 = off."},
     )
+    lm_loss_row_share: float = field(
+        default=1.0,
+        metadata={"help": "Share of each micro-batch's LM-loss rows the LM loss runs on, drawn at random and scaled "
+                  "to an unbiased estimate of the loss over every row. 1 = every row."},
+    )
     greedy_probe: bool = field(
         default=True,
         metadata={"help": "At a logging step every `greedy_probe_steps` steps, decode the first probed step's prompts "
@@ -213,8 +241,18 @@ class ReverseKLDistillConfig(DistillationConfig):
         if self.activation_checkpointing is None and self.gradient_checkpointing is None:
             self.activation_checkpointing = True
         self._resolve_gkd_fields()
+        self._resolve_default_precision()
         super().__post_init__()
         self._validate()
+
+    def _resolve_default_precision(self):
+        """TRL turns `bf16` on when it is left unset. On a CPU that has no bf16 instructions every bf16 product is
+        emulated, several times slower than float32, and autocast saves no memory over float32 weights: there an
+        unset `bf16` means float32. An explicit `bf16=True` is kept."""
+        if self.bf16 is None and not self.fp16 and trains_on_cpu(self.use_cpu) and not cpu_computes_bf16_natively():
+            self.bf16 = False
+            logger.info("bf16 left unset, on a CPU without bf16 instructions (avx512_bf16 / AMX): training in "
+                        "float32, which runs faster there than emulated bf16. Pass bf16=True to train in bf16.")
 
     def _resolve_gkd_fields(self):
         if self.max_new_tokens is not None:
@@ -257,6 +295,10 @@ class ReverseKLDistillConfig(DistillationConfig):
             (
                 self.lm_loss_weight is None or self.lm_loss_weight >= 0,
                 f"lm_loss_weight must be >= 0 or None, got {self.lm_loss_weight}.",
+            ),
+            (
+                0 < self.lm_loss_row_share <= 1,
+                f"lm_loss_row_share must be in (0, 1], got {self.lm_loss_row_share}.",
             ),
             (self.loss_chunk_size >= 1, f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}."),
             (self.greedy_probe_steps >= 1, f"greedy_probe_steps must be >= 1, got {self.greedy_probe_steps}."),

@@ -24,14 +24,18 @@ The teacher's text distribution is therefore `p(text) = p(tokens_T(text) [+ end 
 not summed over. The student's side is its distribution over its token sequences, as in the same-tokenizer trainer.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+from transformers.utils import logging
 from trl.data_utils import is_conversational
 from trl.trainer.utils import pad
 
 from .sampling import score_completions
 from .scoring import left_pad
+
+logger = logging.get_logger(__name__)
 
 # Stands for the assistant's content when the teacher's chat template is rendered to find what follows it.
 CONTENT_SENTINEL = "\u2063rkd-trl-completion\u2063"
@@ -341,3 +345,42 @@ def score_across_tokenizers(
         characters=torch.tensor([len(a.text) for a in alignments], device=device),
         problems=[a.problem for a in alignments],
     )
+
+
+def score_rollout_across_tokenizers(teacher, cross, student_tokenizer, prompts: list, rollout, *, eos_token_ids,
+                                    temperature: float, warn: bool):  # fmt: skip
+    """A rollout's completions scored by a teacher of another tokenizer (`score_across_tokenizers`; `cross`: the
+    trainer's `teacher.CrossTokenizerTeacher` record), the scores put into the rollout.
+
+    Returns the rollout with the teacher's log-probs, the mask of the tokens whose rewards count (a completion whose
+    text the teacher cannot score faithfully, `align_completion`, gets no reward and no advantage: its teacher
+    log-probs are the student's, zero divergence in the logged rewards), the number of teacher tokens credited to each
+    student token (the teacher's length normalisation) and the scores. With `warn`, a completion that cannot be scored
+    logs a warning."""
+    scores = score_across_tokenizers(
+        teacher, cross.tokenizer, student_tokenizer, prompts, rollout.completion_ids, rollout.completion_mask,
+        eos_token_ids=eos_token_ids, teacher_eos_token_ids=cross.eos_token_ids, vocab_size=cross.vocab_size,
+        temperature=temperature,
+    )  # fmt: skip
+    scored = scores.scored[:, None]
+    teacher_logprobs = torch.where(scored, scores.teacher_logprobs, rollout.student_logprobs)
+    rollout = dataclasses.replace(rollout, teacher_logprobs=teacher_logprobs)
+    problems = [problem for problem in scores.problems if problem is not None]
+    if problems and warn:
+        logger.warning(
+            f"A sampled completion cannot be scored by the teacher and gets no reward ({problems[0]}). The share "
+            "of such completions is logged as crosstok/unscored_fraction (docs/cross-tokenizer.md)."
+        )
+    return rollout, rollout.completion_mask * scored, scores.credited_tokens, scores
+
+
+def cross_tokenizer_metrics(scores: CrossTokenizerScores, completion_mask: torch.Tensor, gather) -> dict[str, float]:
+    """The logged `crosstok/*` values of a batch's scores, over every process (`gather`: the accelerator's)."""
+    student_tokens = gather(completion_mask.sum()).sum().clamp(min=1)
+    return {
+        "crosstok/unscored_fraction": gather((~scores.scored).float()).mean().item(),
+        "crosstok/unstable_fraction": gather((~scores.stable).float()).mean().item(),
+        "crosstok/teacher_tokens_per_student_token": (
+            gather(scores.teacher_tokens.sum()).sum() / student_tokens
+        ).item(),
+    }

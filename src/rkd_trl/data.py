@@ -2,6 +2,8 @@
 token batches of the LM loss (reference completions after their prompts, or plain text). Named like `trl.data_utils`,
 whose chat-template rendering they use."""
 
+import math
+
 import torch
 from datasets import Dataset, IterableDataset
 from trl.data_utils import apply_chat_template, is_conversational
@@ -74,6 +76,18 @@ def pad_lm_batch(rows, labels, pad_token_id: int, device) -> dict[str, torch.Ten
     label_ids = pad([torch.tensor(r) for r in labels], padding_value=-100).to(device)
     return {"lm_input_ids": input_ids, "lm_attention_mask": attention_mask, "lm_labels": label_ids,
             "num_lm_tokens": (label_ids[:, 1:] != -100).sum()}  # fmt: skip
+
+
+def sample_lm_rows(input_ids, attention_mask, labels, share: float):
+    """`ceil(share × rows)` of an LM batch's rows drawn at random without replacement (torch's default generator, so
+    a checkpoint's RNG state resumes the same draws), and the factor `rows / drawn` by which the sum of their token
+    losses is an unbiased estimate of the sum over every row: each row is drawn with probability `drawn / rows`."""
+    rows = input_ids.size(0)
+    drawn = min(rows, max(1, math.ceil(share * rows)))
+    if drawn == rows:
+        return input_ids, attention_mask, labels, 1.0
+    keep = torch.randperm(rows)[:drawn].to(input_ids.device)
+    return input_ids[keep], attention_mask[keep], labels[keep], rows / drawn
 
 
 def cycle_texts(dataset: Dataset, batch_size: int, seed: int, num_shards: int, index: int):

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import fsdp2_prepare_model
 
+from .scoring import OutputHead, final_hidden_states
+
 try:
     from torch.distributed.fsdp import FSDPModule
 except ImportError:  # torch < 2.6, where accelerate does not offer FSDP2 either
@@ -154,3 +156,27 @@ def _check_fsdp2_internals(module) -> None:
             f"FSDP2 training needs {', '.join(missing)}, which torch {torch.__version__} does not have. It is tested "
             "with torch 2.13: upgrade torch, or use DDP or DeepSpeed ZeRO-3."
         )
+
+
+@contextmanager
+def output_head(model: torch.nn.Module, vocab_size: int):
+    """`scoring.OutputHead` of `model` for the loss. Under FSDP2 the head runs outside the root forward: the FSDP
+    modules holding its parameters are gathered once for the block and the head bypasses their per-call hooks.
+    A head that is differentiated stays gathered after the block: FSDP reduces its gradients and frees it in the
+    backward, like the rest of the model."""
+    if not fsdp_modules(model):
+        yield OutputHead(model, vocab_size)
+        return
+    holders = modules_holding(model, OutputHead(model, vocab_size).parameters())
+    differentiated = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
+    with gathered(holders, reshard=not differentiated):
+        yield OutputHead(model, vocab_size, module_hooks=False)
+
+
+def hidden_states_for_head(model: torch.nn.Module, input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
+    """`scoring.final_hidden_states` of a trained model, for a loss that projects them with `output_head`; under FSDP2
+    the head's unit is gathered again, if freed, when the backward reaches them (`unshard_before_backward`)."""
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    if fsdp_modules(model):
+        unshard_before_backward(hidden, modules_holding(model, OutputHead(model, vocab_size).parameters()))
+    return hidden

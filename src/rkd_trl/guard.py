@@ -16,7 +16,6 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .metrics import repeated_ngram_share
 from .sampling import sample_teacher_mixed
 
 logger = logging.get_logger(__name__)
@@ -63,8 +62,19 @@ class DegenerationGuard(TrainerCallback):
                     )
 
 
+def repeated_ngram_share(token_lists: list[list[int]], n: int = 4) -> float:
+    """Mean over answers of the share of their n-grams that repeat an earlier n-gram of the same answer (`seq-rep-n`
+    of Welleck et al., 2020, on tokens): 0 for answers without repetition, near 1 for a loop. Answers shorter than
+    `n` tokens count as 0."""
+    shares = []
+    for tokens in token_lists:
+        ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        shares.append(1 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0)
+    return sum(shares) / max(len(shares), 1)
+
+
 def repetition_and_truncation(completion_ids, completion_mask, eos_token_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per completion: its share of repeated 4-grams (`metrics.repeated_ngram_share`), and 1.0 where it has no EOS
+    """Per completion: its share of repeated 4-grams (`repeated_ngram_share`), and 1.0 where it has no EOS
     (cut off at `max_completion_length`)."""
     mask = completion_mask.bool()
     ended = torch.isin(completion_ids, torch.tensor(eos_token_ids, device=mask.device)) & mask

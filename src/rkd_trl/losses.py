@@ -191,6 +191,16 @@ def chunk_count(num_tokens: int, chunk_size: int) -> int:
     return -(-num_tokens // chunk_size)
 
 
+def chunk_count_over_processes(num_tokens: torch.Tensor, chunk_size: int, accelerator, sharded_head: bool) -> int:
+    """`min_chunks` of the chunked losses: under ZeRO-3 (`sharded_head`) every LM-head call gathers parameters
+    collectively, so each process runs the loss over the largest chunk count of all processes
+    (`_checkpointed_head_loss`); elsewhere chunks are local (0)."""
+    if not sharded_head:
+        return 0
+    count = torch.tensor([chunk_count(int(num_tokens), chunk_size)], device=accelerator.device)
+    return int(accelerator.gather(count).max())
+
+
 def _chunked_head_loss(hidden, head, chunk_objective, chunk_size, per_token, sharded_head, min_chunks):
     if sharded_head:
         return _checkpointed_head_loss(hidden, head, chunk_objective, chunk_size, per_token, min_chunks)

@@ -5,11 +5,29 @@ set it to name a model object (`teacher.config.name_or_path = "org/teacher"`).""
 
 import os
 import re
+import textwrap
 
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 HUB_URL = "https://huggingface.co"
+
+
+# The paper TRL's model card cites (the trainer's `_paper`).
+MINILLM_PAPER = {
+    "title": "MiniLLM: Knowledge Distillation of Large Language Models",
+    "id": "2306.08543",
+    # docstyle-ignore
+    "citation": textwrap.dedent("""\
+        @inproceedings{gu2024minillm,
+            title        = {{MiniLLM: Knowledge Distillation of Large Language Models}},
+            author       = {Yuxian Gu and Li Dong and Furu Wei and Minlie Huang},
+            year         = 2024,
+            booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024, Vienna, Austria, May 7-11, 2024},
+            publisher    = {OpenReview.net},
+            url          = {https://openreview.net/forum?id=5h0qf7IBZZ},
+        }"""),
+}
 
 
 def hub_repo_id(name: str | None) -> str | None:
@@ -103,3 +121,15 @@ def complete_trl_card(path, student, teacher, dataset_name, license, quick_start
     card.text = card.text.replace('model="None"', f'model="{quick_start_model}"', 1)
     card.text = card.text.replace("### Framework versions", section + "### Framework versions", 1)
     card.save(path)
+
+
+def write_distillation_card(trainer, dataset_name: str | None, license: str | None) -> None:
+    """Completes the card TRL's `create_model_card` wrote in `trainer.args.output_dir` (`complete_trl_card`) with the
+    "Distillation" section of the trainer's teacher, settings and last logged metrics."""
+    args = trainer.args
+    processes = trainer.accelerator.num_processes
+    global_batch = args.per_device_train_batch_size * processes * args.gradient_accumulation_steps
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    section = distillation_section(args, teacher, global_batch, trainer.state.global_step, trainer.state.log_history)
+    complete_trl_card(os.path.join(args.output_dir, "README.md"), trainer.model, teacher, dataset_name, license,
+                      trainer.hub_model_id or args.output_dir, section)  # fmt: skip

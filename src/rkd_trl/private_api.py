@@ -11,7 +11,8 @@ from typing import NamedTuple
 class PrivateName(NamedTuple):
     owner: str  # the class (or module) that defines it, importable
     name: str
-    kind: str  # "method" or "class attribute" (looked up on the class), "attribute" (set on a built trainer)
+    # "method", "function" (of a module) or "class attribute", looked up on the owner; "attribute": set on a trainer
+    kind: str
     use: str  # where rkd-trl uses it and what for
 
 
@@ -58,6 +59,11 @@ PRIVATE_API = (
                 "scoring: the model's own cache for token-by-token decoding"),
     PrivateName("transformers.GenerationMixin", "_update_model_kwargs_for_generation", "method",
                 "scoring: the cache and masks carried from one decode step to the next"),
+    # torch.cpu: whether bf16 products are native on this CPU (rkd_trl.config)
+    PrivateName("torch.cpu", "_is_avx512_bf16_supported", "function",
+                "config: an unset bf16 resolves to float32 on an x86 CPU without bf16 instructions"),
+    PrivateName("torch.cpu", "_is_amx_tile_supported", "function",
+                "config: an unset bf16 resolves to float32 on an x86 CPU without bf16 instructions"),
     # torch FSDP2 (rkd_trl.fsdp)
     PrivateName("torch.distributed.fsdp.FSDPModule", "_get_fsdp_state", "method",
                 "fsdp: the module's FSDP state, to gather each model once per rollout and bypass per-call hooks"),

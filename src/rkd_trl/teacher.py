@@ -1,7 +1,8 @@
 """The teacher's set-up, before training: loading (with a quantisation config), the placement checks of quantised
 teachers, and the teacher's tokenizer: the student's (one shared vocabulary), or its own, when the teacher is scored
-across tokenizers (`crosstokenizer`, docs/cross-tokenizer.md) with the checks that needs. The trainer then prepares
-the teacher for the distributed backend, freezes it and probes it (`scoring.verify_scoring`)."""
+across tokenizers (`crosstokenizer`, docs/cross-tokenizer.md) with the checks that needs; its preparation for the
+distributed backend, frozen (`set_up_teacher`, the trainer's one call). The trainer then probes it
+(`scoring.verify_scoring`)."""
 
 import os
 import warnings
@@ -13,10 +14,12 @@ from transformers.quantizers import AutoQuantizationConfig
 from transformers.utils import is_bitsandbytes_available, logging
 from trl.data_utils import is_conversational
 from trl.distributed import DistributedBackend
+from trl.models import prepare_deepspeed
 from trl.trainer.utils import create_model_from_path
 
 from .crosstokenizer import CONTENT_SENTINEL, teacher_eos_token_ids, teacher_turn_end_ids
-from .scoring import same_vocabulary
+from .fsdp import shard_teacher
+from .scoring import same_vocabulary, shared_vocab_size
 
 logger = logging.get_logger(__name__)
 
@@ -245,6 +248,41 @@ def set_up_cross_tokenizer_teacher(student, student_tokenizer, teacher, teacher_
         teacher_turn_end_ids(tokenizer, train_dataset[0]["prompt"], eos_token_ids)  # raises if it has no EOS
     logger.info("The teacher's tokenizer differs from the student's: the teacher is scored across tokenizers.")
     return CrossTokenizerTeacher(tokenizer, eos_token_ids, teacher_vocab_size, pad_token_id, student_vocab_size)
+
+
+def set_up_teacher(teacher, student, student_tokenizer, args, accelerator, *, source, teacher_processing_class,
+                   train_dataset, eos_token_ids, chat_template):  # fmt: skip
+    """The teacher's tokenizer decision (`teacher_tokenizer_if_different`: the student's, with the vocabulary alignment
+    and the chat-format check, or its own, scored across tokenizers), its placement checks, its preparation for the
+    distributed backend (a ZeRO-3 inference engine, sharded by FSDP2 like the student without an optimizer, or placed
+    whole on each process's device), frozen in eval mode.
+
+    Returns the teacher as the backend holds it, the student's vocabulary rows that are scored, and the
+    `CrossTokenizerTeacher` record of a teacher with a tokenizer of its own (None for a shared vocabulary)."""
+    found = find_teacher_tokenizer(teacher_processing_class, source, teacher, args)
+    teacher_tokenizer = teacher_tokenizer_if_different(student_tokenizer, found)
+    cross = None
+    if teacher_tokenizer is None:
+        vocab_size = shared_vocab_size(student, teacher, student_tokenizer)
+        if isinstance(train_dataset, Dataset) and len(train_dataset) > 0:
+            check_chat_formats(student_tokenizer, found, train_dataset[0]["prompt"], eos_token_ids, chat_template)
+    else:
+        cross = set_up_cross_tokenizer_teacher(student, student_tokenizer, teacher, teacher_tokenizer, train_dataset,
+                                               args)  # fmt: skip
+        vocab_size = cross.student_vocab_size
+    backend = DistributedBackend(accelerator)
+    check_quantized_teacher_placement(teacher, backend)
+    check_4bit_teacher_runs_on_cpu(teacher)
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:  # as Trainer.is_deepspeed_enabled
+        teacher = prepare_deepspeed(teacher, accelerator)
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:  # as Trainer.is_fsdp_enabled
+        teacher = shard_teacher(teacher, accelerator)
+    else:
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher, vocab_size, cross
 
 
 def check_teacher_frozen(teacher, optimizer, when: str) -> None:

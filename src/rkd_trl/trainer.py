@@ -7,11 +7,8 @@ the algorithm:
     →  advantages (rewards, length-normalised returns, importance weights)  →  loss (policy gradient + single step)
 """
 
-import dataclasses
 import functools
-import os
 import re
-import textwrap
 import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -22,21 +19,15 @@ from accelerate.utils import gather_object
 from datasets import Dataset
 from transformers.utils import logging
 from trl import DistillationTrainer
-from trl.distributed import DistributedBackend
-from trl.models import prepare_deepspeed
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import (
-    RepeatSampler,
-    shuffle_sequence_dict,
-    split_tensor_dict,
-)
+from trl.trainer.utils import RepeatSampler, shuffle_sequence_dict, split_tensor_dict
 
 from .advantages import advantages_from_rollout, importance_weights
 from .config import ReverseKLDistillConfig
-from .crosstokenizer import score_across_tokenizers
-from .data import cycle_texts, lm_rows_from_completions, lm_rows_from_texts, pad_lm_batch
-from .fsdp import forget_forwards, fsdp_modules, gathered, modules_holding, shard_teacher, unshard_before_backward
-from .guard import DegenerationGuard, GreedyProbe, repetition_and_truncation
+from .crosstokenizer import cross_tokenizer_metrics, score_rollout_across_tokenizers
+from .data import cycle_texts, lm_rows_from_completions, lm_rows_from_texts, pad_lm_batch, sample_lm_rows
+from .fsdp import forget_forwards, fsdp_modules, gathered, hidden_states_for_head, output_head
+from .guard import DegenerationGuard, GreedyProbe
 from .input_checks import (
     check_constructor_arguments,
     check_distributed_setup,
@@ -46,29 +37,13 @@ from .input_checks import (
     renders_as_an_unknown_role,
     resolve_datasets,
 )
-from .losses import chunk_count, lm_loss_sum, minillm_loss_sums
-from .model_card import complete_trl_card, distillation_section, hub_repo_id
+from .losses import chunk_count_over_processes, lm_loss_sum, minillm_loss_sums
+from .model_card import MINILLM_PAPER, hub_repo_id, write_distillation_card
 from .reliability import ReliableTrainingMixin
+from .rollout_metrics import degeneration_metrics, rollout_metrics
 from .sampling import sample_teacher_mixed
-from .scoring import (
-    OutputHead,
-    check_finite_parameters,
-    check_teacher_mass_past_vocab,
-    final_hidden_states,
-    left_pad,
-    shared_vocab_size,
-    verify_scoring,
-)
-from .teacher import (
-    check_4bit_teacher_runs_on_cpu,
-    check_chat_formats,
-    check_quantized_teacher_placement,
-    check_teacher_frozen,
-    find_teacher_tokenizer,
-    load_teacher,
-    set_up_cross_tokenizer_teacher,
-    teacher_tokenizer_if_different,
-)
+from .scoring import check_finite_parameters, check_teacher_mass_past_vocab, left_pad, verify_scoring
+from .teacher import check_teacher_frozen, load_teacher, set_up_teacher
 
 logger = logging.get_logger(__name__)
 
@@ -139,20 +114,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
 
     _tag_names: ClassVar[list[str]] = ["trl", "distillation", "minillm", "reverse-kl", "rkd-trl"]
     _name = "Reverse-KL Distillation (MiniLLM)"
-    _paper: ClassVar[dict[str, str]] = {
-        "title": "MiniLLM: Knowledge Distillation of Large Language Models",
-        "id": "2306.08543",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @inproceedings{gu2024minillm,
-                title        = {{MiniLLM: Knowledge Distillation of Large Language Models}},
-                author       = {Yuxian Gu and Li Dong and Furu Wei and Minlie Huang},
-                year         = 2024,
-                booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024, Vienna, Austria, May 7-11, 2024},
-                publisher    = {OpenReview.net},
-                url          = {https://openreview.net/forum?id=5h0qf7IBZZ},
-            }"""),
-    }
+    _paper: ClassVar[dict[str, str]] = MINILLM_PAPER  # the citation of TRL's model card
 
     def __init__(
         self,
@@ -200,8 +162,12 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
             self.add_callback(DegenerationGuard())  # warns when the rollouts start to loop or stop ending
         check_distributed_setup(self._dist, args)
         check_tokenizer(self._tokenizer, train_dataset)
-        self.teacher_model = self._set_up_teacher(teacher_model, teacher_source, teacher_processing_class,
-                                                  train_dataset)  # fmt: skip
+        self.teacher_model, self.vocab_size, self._cross_tokenizer_teacher = set_up_teacher(
+            teacher_model, self.model, self._tokenizer, args, self.accelerator, source=teacher_source,
+            teacher_processing_class=teacher_processing_class, train_dataset=train_dataset,
+            eos_token_ids=self.eos_token_ids, chat_template=self.chat_template,
+        )  # fmt: skip
+        self._warned_unscored = False  # a completion the cross-tokenizer teacher cannot score warns once
         for model_name, checked in (("student", self.model), ("teacher", self.teacher_model)):
             check_finite_parameters(checked, model_name)
         self._drop_ended_rows = self._verify_scoring()
@@ -211,33 +177,6 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         self._lm_batches = None
         self._greedy_probe = GreedyProbe(args.greedy_probe_steps)
         self._pending_loss_metrics = {}
-
-    def _set_up_teacher(self, teacher, teacher_source, teacher_processing_class, train_dataset):
-        """The teacher's tokenizer decision (`teacher.teacher_tokenizer_if_different`: shared, with the vocabulary
-        alignment, or its own, scored across tokenizers), its placement checks, its preparation for the distributed
-        backend, frozen in eval mode."""
-        # A teacher with a tokenizer of its own is scored across tokenizers: this record, None for a shared vocabulary.
-        self._cross_tokenizer_teacher = None
-        found = find_teacher_tokenizer(teacher_processing_class, teacher_source, teacher, self.args)
-        teacher_tokenizer = teacher_tokenizer_if_different(self._tokenizer, found)
-        if teacher_tokenizer is None:
-            self.vocab_size = shared_vocab_size(self.model, teacher, self._tokenizer)
-            if isinstance(train_dataset, Dataset) and len(train_dataset) > 0:
-                check_chat_formats(self._tokenizer, found, train_dataset[0]["prompt"], self.eos_token_ids,
-                                   self.chat_template)  # fmt: skip
-        else:
-            self._cross_tokenizer_teacher = set_up_cross_tokenizer_teacher(
-                self.model, self._tokenizer, teacher, teacher_tokenizer, train_dataset, self.args
-            )
-            self.vocab_size = self._cross_tokenizer_teacher.student_vocab_size
-            self._warned_unscored = False
-        check_quantized_teacher_placement(teacher, DistributedBackend(self.accelerator))
-        check_4bit_teacher_runs_on_cpu(teacher)
-        teacher = self._prepare_teacher(teacher)
-        teacher.eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
-        return teacher
 
     def _check_prompts(self, datasets: dict):
         """`input_checks.check_prompts` with this trainer's tokenization, chat template and length limit."""
@@ -278,16 +217,8 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         if model_name is None:
             model_name = Path(self.args.hub_model_id or self.args.output_dir).name
         super().create_model_card(model_name=model_name, dataset_name=hub_repo_id(dataset_name), tags=tags)
-        if not self.is_world_process_zero():
-            return
-        args = self.args
-        global_batch = (
-            args.per_device_train_batch_size * self.accelerator.num_processes * args.gradient_accumulation_steps
-        )
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        section = distillation_section(args, teacher, global_batch, self.state.global_step, self.state.log_history)
-        complete_trl_card(os.path.join(args.output_dir, "README.md"), self.model, teacher, dataset_name, license,
-                          self.hub_model_id or args.output_dir, section)  # fmt: skip
+        if self.is_world_process_zero():
+            write_distillation_card(self, dataset_name, license)
 
     # ------------------------------------------------------------------ set-up
 
@@ -301,9 +232,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
             cross = self._cross_tokenizer_teacher
-            teacher_vocab = (
-                (self.vocab_size, pad_token_id) if cross is None else (cross.vocab_size, cross.pad_token_id)
-            )
+            teacher_vocab = (cross.vocab_size, cross.pad_token_id) if cross else (self.vocab_size, pad_token_id)
             checks = [verify_scoring(student, self.vocab_size, pad_token_id, "student", compute_dtype),
                       verify_scoring(teacher, *teacher_vocab, "teacher", compute_dtype)]  # fmt: skip
         if self._cross_tokenizer_teacher is None:  # a teacher of another tokenizer is scored over all its rows
@@ -320,15 +249,15 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
     def _get_train_sampler(self, dataset=None):
         # Each generation batch is served `gradient_accumulation_steps × ppo_epochs` times: once per micro-batch of
         # every pass over the rollouts (see `_prepare_inputs`).
+        args = self.args
+        generation_batch = args.per_device_train_batch_size * self.accelerator.num_processes
         return RepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=1,
-            batch_size=self.args.per_device_train_batch_size
-            * self.accelerator.num_processes
-            * self.args.gradient_accumulation_steps,
-            repeat_count=self.args.gradient_accumulation_steps * self.args.ppo_epochs,
+            batch_size=generation_batch * args.gradient_accumulation_steps,
+            repeat_count=args.gradient_accumulation_steps * args.ppo_epochs,
             shuffle=self.shuffle_dataset,
-            seed=self.args.seed,
+            seed=args.seed,
         )
 
     # ------------------------------------------------------------------ sample → score → advantages
@@ -369,11 +298,16 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 self.state.global_step, self.args.logging_steps, self.state.max_steps, self.args.ppo_epochs
             ):  # `due` records the probe: asked in training rollouts only, as before
                 self._log_greedy_probe(student, prompt_ids, prompt_mask)
-            scored_mask, teacher_token_counts = rollout.completion_mask, None
-            if self._cross_tokenizer_teacher is not None:
-                rollout, scored_mask, teacher_token_counts = self._score_across_tokenizers(
-                    mode, teacher, inputs, rollout
-                )
+            scored_mask, teacher_token_counts, cross = rollout.completion_mask, None, self._cross_tokenizer_teacher
+            if cross is not None:  # the teacher's log-probs of the sampled texts, credited to the student's tokens
+                rollout, scored_mask, teacher_token_counts, scores = score_rollout_across_tokenizers(
+                    teacher, cross, self._tokenizer, [example["prompt"] for example in inputs], rollout,
+                    eos_token_ids=self.eos_token_ids, temperature=self.temperature, warn=not self._warned_unscored,
+                )  # fmt: skip
+                self._warned_unscored |= not bool(scores.scored.all())
+                for name, value in cross_tokenizer_metrics(scores, rollout.completion_mask,
+                                                           self.accelerator.gather).items():  # fmt: skip
+                    self._metrics[mode][name].append(value)
 
         mask = rollout.completion_mask
         advantages, _ = advantages_from_rollout(
@@ -434,43 +368,18 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
             eos_token_ids=self.eos_token_ids, pad_token_id=self._tokenizer.pad_token_id,
             drop_ended_rows=self._drop_ended_rows,
         )  # fmt: skip
-        repetition, truncated = self._repetition_and_truncation(greedy)
-        metrics = self._metrics["train"]
-        metrics["completions/greedy_repeated_4grams"].append(repetition.mean().item())
-        metrics["completions/greedy_clipped_ratio"].append(truncated.mean().item())
-
-    def _repetition_and_truncation(self, rollout):
-        """`guard.repetition_and_truncation` of the rollout, over every process."""
-        repetition, truncated = repetition_and_truncation(rollout.completion_ids, rollout.completion_mask,
-                                                          self.eos_token_ids)  # fmt: skip
-        return self.accelerator.gather(repetition), self.accelerator.gather(truncated)
+        repetition, truncated = degeneration_metrics(greedy.completion_ids, greedy.completion_mask, self.eos_token_ids,
+                                                     self.accelerator.gather)  # fmt: skip
+        self._metrics["train"]["completions/greedy_repeated_4grams"].append(repetition)
+        self._metrics["train"]["completions/greedy_clipped_ratio"].append(truncated)
 
     def _log_rollout(self, mode, rollout, weights, prompt_ids, prompt_mask):
-        gather = self.accelerator.gather
-        mask = rollout.completion_mask.bool()
-        lengths = gather(rollout.completion_mask.sum(1)).float()
-        log_ratio = (rollout.teacher_logprobs - rollout.student_logprobs) * mask
-        rewards = gather(log_ratio.sum()).sum() / lengths.sum().clamp(min=1)
-        reverse_kl = gather(-log_ratio.sum(1)).mean()
-        masked_weights = weights * mask
-        valid_weights = gather(masked_weights.sum()).sum()
-        max_weight = gather(masked_weights.max()).max()
-        repetition, truncated = self._repetition_and_truncation(rollout)
-
+        """`rollout_metrics` of the rollout, the tokens seen, and the completions table (`log_completions`)."""
         metrics = self._metrics[mode]
-        metrics["minillm/reward_mean"].append(rewards.item())
-        metrics["minillm/reverse_kl"].append(reverse_kl.item())
-        metrics["minillm/importance_weight_mean"].append((valid_weights / lengths.sum().clamp(min=1)).item())
-        metrics["minillm/importance_weight_max"].append(max_weight.item())
-        teacher_calls = gather(torch.tensor(float(rollout.teacher_calls), device=mask.device)).mean()
-        metrics["rollout/teacher_calls"].append(teacher_calls.item())
-        metrics["completions/mean_length"].append(lengths.mean().item())
-        metrics["completions/min_length"].append(lengths.min().item())
-        metrics["completions/max_length"].append(lengths.max().item())
-        metrics["completions/clipped_ratio"].append(truncated.mean().item())
-        metrics["completions/repeated_4grams"].append(repetition.mean().item())
+        for name, value in rollout_metrics(rollout, weights, self.eos_token_ids, self.accelerator.gather).items():
+            metrics[name].append(value)
         if mode == "train":
-            tokens = gather(prompt_mask.sum() + rollout.completion_mask.sum()).sum()
+            tokens = self.accelerator.gather(prompt_mask.sum() + rollout.completion_mask.sum()).sum()
             self.state.num_input_tokens_seen += tokens.item()
         metrics["num_tokens"] = [self.state.num_input_tokens_seen]
         if self.log_completions:
@@ -478,49 +387,6 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
             completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             self._logs["prompt"].extend(gather_object(prompts))
             self._logs["completion"].extend(gather_object(completions))
-
-    # ------------------------------------------------------------------ teachers with another tokenizer
-
-    def _score_across_tokenizers(self, mode, teacher, inputs, rollout):
-        """The teacher's log-probs of the sampled texts, credited to the student's tokens (one teacher forward).
-
-        Returns the rollout with those scores, the mask of the tokens whose rewards count (a completion whose text the
-        teacher cannot score faithfully, `crosstokenizer.align_completion`, gets no reward and no advantage) and the
-        number of teacher tokens credited to each student token (the teacher's length normalisation).
-        """
-        cross = self._cross_tokenizer_teacher
-        scores = score_across_tokenizers(
-            teacher,
-            cross.tokenizer,
-            self._tokenizer,
-            [example["prompt"] for example in inputs],
-            rollout.completion_ids,
-            rollout.completion_mask,
-            eos_token_ids=self.eos_token_ids,
-            teacher_eos_token_ids=cross.eos_token_ids,
-            vocab_size=cross.vocab_size,
-            temperature=self.temperature,
-        )
-        scored = scores.scored[:, None]
-        # Unscored rows count as zero divergence in the logged rewards; `crosstok/unscored_fraction` counts them.
-        teacher_logprobs = torch.where(scored, scores.teacher_logprobs, rollout.student_logprobs)
-        rollout = dataclasses.replace(rollout, teacher_logprobs=teacher_logprobs)
-        problems = [problem for problem in scores.problems if problem is not None]
-        if problems and not self._warned_unscored:
-            self._warned_unscored = True
-            logger.warning(
-                f"A sampled completion cannot be scored by the teacher and gets no reward ({problems[0]}). The share "
-                "of such completions is logged as crosstok/unscored_fraction (docs/cross-tokenizer.md)."
-            )
-        gather = self.accelerator.gather
-        student_tokens = gather(rollout.completion_mask.sum()).sum().clamp(min=1)
-        metrics = self._metrics[mode]
-        metrics["crosstok/unscored_fraction"].append(gather((~scores.scored).float()).mean().item())
-        metrics["crosstok/unstable_fraction"].append(gather((~scores.stable).float()).mean().item())
-        metrics["crosstok/teacher_tokens_per_student_token"].append(
-            (gather(scores.teacher_tokens.sum()).sum() / student_tokens).item()
-        )
-        return rollout, rollout.completion_mask * scored, scores.credited_tokens
 
     # ------------------------------------------------------------------ loss
 
@@ -548,8 +414,8 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         # Without a shared vocabulary (a teacher of another tokenizer) the teacher is in the advantages only.
         shared_vocabulary = "teacher_hidden" in inputs
-        teacher_head_block = self._output_head(teacher) if shared_vocabulary else nullcontext()
-        with self._output_head(unwrapped_student) as student_head, teacher_head_block as teacher_head:
+        teacher_head_block = output_head(teacher, self.vocab_size) if shared_vocabulary else nullcontext()
+        with output_head(unwrapped_student, self.vocab_size) as student_head, teacher_head_block as teacher_head:
             sums = minillm_loss_sums(
                 hidden[completion_mask],
                 inputs["teacher_hidden"][completion_mask] if shared_vocabulary else None,
@@ -564,7 +430,8 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 chunk_size=self.args.loss_chunk_size,
                 single_step_weight=1.0 if self.args.single_step_regularization else 0.0,
                 sharded_head=self._dist.is_zero3,
-                min_chunks=self._max_chunk_count(num_tokens),
+                min_chunks=chunk_count_over_processes(num_tokens, self.args.loss_chunk_size, self.accelerator,
+                                                      self._dist.is_zero3),
             )
         loss = sums["objective"] / num_items_in_batch
         tokens = num_tokens.detach().float()
@@ -581,48 +448,36 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         self._pending_loss_metrics = metrics
         return loss, sums["entropy"], num_tokens
 
-    def _max_chunk_count(self, num_tokens: torch.Tensor) -> int:
-        """Under ZeRO-3 every LM-head call gathers parameters collectively, so each process runs the loss over the
-        largest chunk count of all processes (`losses._checkpointed_head_loss`); elsewhere chunks are local."""
-        if not self._dist.is_zero3:
-            return 0
-        count = torch.tensor([chunk_count(int(num_tokens), self.args.loss_chunk_size)], device=self.accelerator.device)
-        return int(self.accelerator.gather(count).max())
-
     def _completion_hidden_states(self, unwrapped_student, inputs):
         """Student final hidden states that predict each completion token: `[B, C, H]`, from the student's own forward
         (positions from the attention mask, as in sampling, so left padding changes nothing)."""
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        hidden = self._student_hidden_states(unwrapped_student, input_ids, attention_mask)
+        hidden = hidden_states_for_head(unwrapped_student, input_ids, attention_mask, self.vocab_size)
         prompt_length = inputs["prompt_ids"].size(1)
         return hidden[:, prompt_length - 1 : -1]
 
     def _lm_loss_sum(self, unwrapped_student, inputs):
-        hidden = self._student_hidden_states(unwrapped_student, inputs["lm_input_ids"], inputs["lm_attention_mask"])
-        labels = inputs["lm_labels"][:, 1:]
+        """The LM loss's sum over its tokens (estimated from `lm_loss_row_share` of the rows), and the tokens run."""
+        input_ids, attention_mask, labels, scale = sample_lm_rows(
+            inputs["lm_input_ids"], inputs["lm_attention_mask"], inputs["lm_labels"], self.args.lm_loss_row_share
+        )
+        hidden = hidden_states_for_head(unwrapped_student, input_ids, attention_mask, self.vocab_size)
+        labels = labels[:, 1:]
         valid = labels != -100
-        with self._output_head(unwrapped_student) as student_head:
+        with output_head(unwrapped_student, self.vocab_size) as student_head:
             total = lm_loss_sum(
                 hidden[:, :-1][valid],
                 student_head,
                 labels[valid],
                 self.args.loss_chunk_size,
                 sharded_head=self._dist.is_zero3,
-                min_chunks=self._max_chunk_count(valid.sum()),
+                min_chunks=chunk_count_over_processes(valid.sum(), self.args.loss_chunk_size, self.accelerator,
+                                                      self._dist.is_zero3),
             )
-        return total, valid.sum()
+        return total * scale, valid.sum() * scale  # scaled alike: the logged loss/lm stays a mean per token
 
     # ------------------------------------------------------------------ sharded models (DeepSpeed ZeRO-3, FSDP2)
-
-    def _prepare_teacher(self, teacher):
-        """The teacher as the backend holds it: a ZeRO-3 inference engine, sharded by FSDP2 like the student (no
-        optimizer), or placed whole on each process's device."""
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(teacher, self.accelerator)
-        if self.is_fsdp_enabled:
-            return shard_teacher(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     @contextmanager
     def _models_for_rollout(self):
@@ -646,26 +501,3 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         ):
             yield student, teacher
         forget_forwards(self.teacher_model)
-
-    @contextmanager
-    def _output_head(self, model):
-        """`scoring.OutputHead` of `model` for the loss. Under FSDP2 the head runs outside the root forward: the FSDP
-        modules holding its parameters are gathered once for the block and the head bypasses their per-call hooks.
-        A head that is differentiated stays gathered after the block: FSDP reduces its gradients and frees it in the
-        backward, like the rest of the model."""
-        if not fsdp_modules(model):
-            yield OutputHead(model, self.vocab_size)
-            return
-        holders = modules_holding(model, OutputHead(model, self.vocab_size).parameters())
-        differentiated = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-        with gathered(holders, reshard=not differentiated):
-            yield OutputHead(model, self.vocab_size, module_hooks=False)
-
-    def _student_hidden_states(self, unwrapped_student, input_ids, attention_mask):
-        """`scoring.final_hidden_states` of the student, for a loss that projects them with `_output_head`; under FSDP2
-        the head's unit is gathered again, if freed, when the backward reaches them (`fsdp.unshard_before_backward`)."""
-        hidden = final_hidden_states(unwrapped_student, input_ids, attention_mask)
-        if fsdp_modules(unwrapped_student):
-            holders = modules_holding(unwrapped_student, OutputHead(unwrapped_student, self.vocab_size).parameters())
-            unshard_before_backward(hidden, holders)
-        return hidden

@@ -1,7 +1,7 @@
 """Rouge-L as an `evaluate` metric module that ships with the package, so `evaluate.load` needs no network.
 
 `evaluate.load("rouge")` fetches its script from the Hub; this module is loaded by path instead
-(`rkd_trl.metrics.rouge_l` does it) and scores with `rouge_score`, the library the Hub metric wraps.
+(`rkd_trl.evaluation.metrics.rouge_l` does it) and scores with `rouge_score`, the library the Hub metric wraps.
 """
 
 import datasets

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 
-DATA_FILE = Path(__file__).with_name("data") / "instructions.jsonl"
+from . import DATA
+
+DATA_FILE = DATA / "instructions.jsonl"
 SPLITS = ("train", "dev", "test")
 
 

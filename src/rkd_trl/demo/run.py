@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .metrics import reverse_kl_estimate, rouge_l, sample_with_scores, validity
+from ..evaluation.metrics import reverse_kl_estimate, rouge_l, sample_with_scores, validity
 from .synthetic import ChainTask, MultiAnswerTask, cached_teacher, tiny_causal_lm, train_causal_lm
 
 
@@ -136,7 +136,7 @@ def run_demo(settings: DemoSettings) -> dict[str, dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from . import ReverseKLDistillConfig, ReverseKLDistillTrainer
+    from .. import ReverseKLDistillConfig, ReverseKLDistillTrainer
 
     hf_logging.set_verbosity_error()
     # Models this small gain nothing from intra-op threads, and extra threads thrash on a busy machine.
@@ -274,9 +274,9 @@ def run_real_demo(settings: DemoSettings) -> dict[str, dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
-    from . import ReverseKLDistillConfig, ReverseKLDistillTrainer
+    from .. import ReverseKLDistillConfig, ReverseKLDistillTrainer
+    from ..evaluation.metrics import answer_quality
     from .instructions import cached_teacher_answers, conversations, load_instructions, sft_student
-    from .metrics import answer_quality
     from .models import keep_layers, load_smollm2
 
     hf_logging.set_verbosity_error()
