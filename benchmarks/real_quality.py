@@ -455,8 +455,9 @@ def doc_blocks() -> dict[str, str]:
     """Generated blocks of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
     study = json.loads(STUDY_RESULTS.read_text())
     blocks = {"real-study": method_table(study, study["settings"]["methods"])}
-    if LM_SHARE_RESULTS.exists():
-        blocks["real-lm-share"] = lm_share_table(json.loads(LM_SHARE_RESULTS.read_text()))
+    lm_share = json.loads(LM_SHARE_RESULTS.read_text()) if LM_SHARE_RESULTS.exists() else {}
+    if lm_share.get("runs"):
+        blocks["real-lm-share"] = lm_share_table(lm_share)
     if not RESULTS.exists():
         return blocks
     results = json.loads(RESULTS.read_text())
