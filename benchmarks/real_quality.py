@@ -447,7 +447,8 @@ def lm_share_table(results: dict) -> str:
              "|---|---|---|"]  # fmt: skip
     for method in results["settings"]["methods"]:
         seconds = [r["train_seconds"] / steps for r in results["runs"] if r["method"] == method]
-        lines.append(f"| {method} | {len(seconds)} | {statistics.fmean(seconds):.1f} |")
+        if seconds:
+            lines.append(f"| {method} | {len(seconds)} | {statistics.fmean(seconds):.1f} |")
     return "\n".join(lines) + "\n"
 
 

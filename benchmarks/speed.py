@@ -98,6 +98,7 @@ OURS = {
     "ReverseKLDistillTrainer α=0": {"teacher_mix_alpha": 0.0},
     "ReverseKLDistillTrainer α=0, no LM loss": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 0.0},
     "ReverseKLDistillTrainer reuse": {"ppo_epochs": 4},
+    "ReverseKLDistillTrainer LM loss on 1/4 of the rows": {"lm_loss_row_share": 0.25},  # `--lm-share` only
 }
 
 
@@ -515,6 +516,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 as the configs resolve it on this machine (users' default)")  # fmt: skip
+    parser.add_argument("--lm-share", action="store_true",
+                        help="only the defaults, the defaults with lm_loss_row_share=0.25, no LM loss and "
+                        "DistillationTrainer, at logging_steps 10 (section speed-lm-share)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DOCS)
     options = parser.parse_args(argv)
     options.max_new_tokens = options.max_new_tokens or (32 if options.real else 64)
@@ -534,6 +538,9 @@ def main(argv=None):
     low, high = options.max_new_tokens, 2 * options.max_new_tokens
     # (max_new_tokens, logging_steps): users log every 1-10 steps; the scaling to twice the length at 10.
     runs = [(low, 10), (low, 1)] + ([] if options.real else [(high, 10)])
+    if options.lm_share:
+        names = [ours, f"{ours} LM loss on 1/4 of the rows", f"{ours} no LM loss", "DistillationTrainer"]
+        runs = [(low, 10)]
     for max_new_tokens, logging_steps in runs:
         trainers = build_trainers(names, models, tokenizer, dataset, options.batch_size, max_new_tokens,
                                   logging_steps, options.precision)  # fmt: skip
@@ -545,27 +552,29 @@ def main(argv=None):
         section = [
             f"### Step time, max_new_tokens = {max_new_tokens}, logging_steps = {logging_steps}, bf16 = {bf16}",
             "",
-            *step_table(times, "GKDTrainer"),
+            *step_table(times, "DistillationTrainer" if options.lm_share else "GKDTrainer"),
             "",
-            *distillation_ratios(medians[max_new_tokens, logging_steps], names, setup),
-            *rollout_lines(clock, trainers[ours].args.teacher_mix_alpha),
         ]
+        if not options.lm_share:
+            section += [*distillation_ratios(medians[max_new_tokens, logging_steps], names, setup),
+                        *rollout_lines(clock, trainers[ours].args.teacher_mix_alpha)]  # fmt: skip
         print("\n".join(section), flush=True)
         out += section
-        if (max_new_tokens, logging_steps) == (low, 10) and not options.real:
+        if (max_new_tokens, logging_steps) == (low, 10) and not options.real and not options.lm_share:
             work = teacher_forward_work(trainers[ours])
             profiled = (ours, "GKDTrainer", "DistillationTrainer")
             breakdown = {name: profile_breakdown(runners[name], options.profile_steps) for name in profiled}
         del trainers, runners
 
-    if not options.real:
+    if not options.real and not options.lm_share:
         out += [f"### Scaling, max_new_tokens {high} vs {low} (logging_steps = 10)", "",
                 "| trainer | ratio of medians |", "|---|---|"]  # fmt: skip
         out += [f"| {name} | {medians[high, 10][name] / medians[low, 10][name]:.2f} |" for name in names]
         out += ["", *teacher_work_lines(work, ours, low), *breakdown_lines(breakdown, options.profile_steps, low)]
     text = "\n".join(out)
     print(text)
-    write_section(options.output, "speed-real" if options.real else "speed", text)
+    section = "speed-real" if options.real else "speed"
+    write_section(options.output, f"{section}-lm-share" if options.lm_share else section, text)
     return medians
 
 
