@@ -354,9 +354,8 @@ def score_rollout_across_tokenizers(teacher, cross, student_tokenizer, prompts: 
 
     Returns the rollout with the teacher's log-probs, the mask of the tokens whose rewards count (a completion whose
     text the teacher cannot score faithfully, `align_completion`, gets no reward and no advantage: its teacher
-    log-probs are the student's, zero divergence in the logged rewards), the number of teacher tokens credited to each
-    student token (the teacher's length normalisation) and the scores. With `warn`, a completion that cannot be scored
-    logs a warning."""
+    log-probs are the student's, zero divergence in the logged rewards) and the scores (`credited_tokens`: the teacher's
+    length normalisation). With `warn`, a completion that cannot be scored logs a warning."""
     scores = score_across_tokenizers(
         teacher, cross.tokenizer, student_tokenizer, prompts, rollout.completion_ids, rollout.completion_mask,
         eos_token_ids=eos_token_ids, teacher_eos_token_ids=cross.eos_token_ids, vocab_size=cross.vocab_size,
@@ -371,7 +370,7 @@ def score_rollout_across_tokenizers(teacher, cross, student_tokenizer, prompts: 
             f"A sampled completion cannot be scored by the teacher and gets no reward ({problems[0]}). The share "
             "of such completions is logged as crosstok/unscored_fraction (docs/cross-tokenizer.md)."
         )
-    return rollout, rollout.completion_mask * scored, scores.credited_tokens, scores
+    return rollout, rollout.completion_mask * scored, scores
 
 
 def cross_tokenizer_metrics(scores: CrossTokenizerScores, completion_mask: torch.Tensor, gather) -> dict[str, float]:

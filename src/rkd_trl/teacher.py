@@ -275,7 +275,7 @@ def set_up_teacher(teacher, student, student_tokenizer, args, accelerator, *, so
     check_4bit_teacher_runs_on_cpu(teacher)
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:  # as Trainer.is_deepspeed_enabled
         teacher = prepare_deepspeed(teacher, accelerator)
-    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:  # as Trainer.is_fsdp_enabled
+    elif backend.is_fsdp:
         teacher = shard_teacher(teacher, accelerator)
     else:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)

@@ -300,10 +300,11 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 self._log_greedy_probe(student, prompt_ids, prompt_mask)
             scored_mask, teacher_token_counts, cross = rollout.completion_mask, None, self._cross_tokenizer_teacher
             if cross is not None:  # the teacher's log-probs of the sampled texts, credited to the student's tokens
-                rollout, scored_mask, teacher_token_counts, scores = score_rollout_across_tokenizers(
+                rollout, scored_mask, scores = score_rollout_across_tokenizers(
                     teacher, cross, self._tokenizer, [example["prompt"] for example in inputs], rollout,
                     eos_token_ids=self.eos_token_ids, temperature=self.temperature, warn=not self._warned_unscored,
                 )  # fmt: skip
+                teacher_token_counts = scores.credited_tokens
                 self._warned_unscored |= not bool(scores.scored.all())
                 for name, value in cross_tokenizer_metrics(scores, rollout.completion_mask,
                                                            self.accelerator.gather).items():  # fmt: skip
