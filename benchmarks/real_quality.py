@@ -262,9 +262,10 @@ class Benchmark:
                 "threads": torch.get_num_threads(), **scores, "curve": curve}  # fmt: skip
 
 
-def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, log=print) -> dict:
-    """Run every missing (method, lr, seed) of `settings` (those whose method is in `only` and seed in `seeds`, if
-    given), appending each to `results_path` as it finishes."""
+def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, log=print,
+                  learning_rates=None) -> dict:
+    """Run every missing (method, lr, seed) of `settings` (those whose method is in `only`, seed in `seeds` and
+    learning rate in `learning_rates`, if given), appending each to `results_path` as it finishes."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if not same_grid(results.get("settings"), asdict(settings)):
         raise ValueError(f"{results_path} holds a run with other settings: move it away or use --results.")
@@ -277,14 +278,25 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
             results_path.write_text(json.dumps(results, indent=1))
             log(f"{name}: {summary_line(results[name])}")
     done = {(r["method"], r["learning_rate"], r["seed"]) for r in results.setdefault("runs", [])}
-    for method, learning_rate, seed in runs(settings):
-        if (method, learning_rate, seed) in done or (only and method not in only) or (seeds and seed not in seeds):
-            continue
+    for method, learning_rate, seed in runs_to_do(settings, done, only, seeds, learning_rates):
         result = bench.run(method, learning_rate, seed)
         results["runs"].append(result)
         results_path.write_text(json.dumps(results, indent=1))
         log(f"{method} lr={learning_rate:g} seed={seed}: {summary_line(result)} ({result['train_seconds']:.0f} s)")
     return results
+
+
+def runs_to_do(settings: Settings, done, only=None, seeds=None, learning_rates=None) -> list[tuple[str, float, int]]:
+    """The runs of `settings` not in `done`, restricted to the methods `only`, the `seeds` and the `learning_rates`
+    given (None: all)."""
+    return [
+        (method, rate, seed)
+        for method, rate, seed in runs(settings)
+        if (method, rate, seed) not in done
+        and (not only or method in only)
+        and (not seeds or seed in seeds)
+        and (not learning_rates or rate in learning_rates)
+    ]
 
 
 # Settings that only say which runs make up the grid; every other setting shapes each run.
@@ -484,6 +496,7 @@ def main(argv=None):
                         help=f"the LM loss on a quarter of the rows against the defaults, on dev ({LM_SHARE_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
+    parser.add_argument("--learning-rates", nargs="+", type=float, help="run only these learning rates")
     parser.add_argument("--all-rates-for-later-seeds", action="store_true",
                         help="run the seeds after the first at every learning rate (default: 5e-5 only)")
     parser.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --results and stop")
@@ -506,7 +519,8 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    run_benchmark(settings, work_dir, results_path, only=options.only, seeds=options.seeds)
+    run_benchmark(settings, work_dir, results_path, only=options.only, seeds=options.seeds,
+                  learning_rates=options.learning_rates)
     return results_path
 
 

@@ -148,6 +148,21 @@ def test_committed_real_results_can_be_extended_by_their_presets():
     assert real.sft_student_path(real.SFT450_SETTINGS, Path(".")) != real.sft_student_path(real.Settings(), Path("."))
 
 
+def test_real_quality_runs_to_do_keep_only_the_runs_asked_for():
+    """`--only`, `--seeds` and `--learning-rates` each narrow the grid, and runs already done are never repeated."""
+    spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    settings = real.Settings()
+    every = real.runs(settings)
+    assert real.runs_to_do(settings, set()) == every
+    ours_fast = real.runs_to_do(settings, set(), only=["ours"], learning_rates=[5e-5])
+    assert ours_fast == [run for run in every if run[0] == "ours" and run[1] == 5e-5]
+    assert {seed for _, _, seed in ours_fast} == set(settings.seeds)
+    assert real.runs_to_do(settings, set(ours_fast[:1]), only=["ours"], seeds=[ours_fast[0][2]],
+                           learning_rates=[5e-5]) == []  # fmt: skip
+
+
 def test_paired_difference_against_normal_theory_and_by_hand():
     """The bootstrap interval of a mean difference over many prompts matches the normal-theory interval
     (mean ± 1.96 sd / √n); a constant difference has no spread; wins are counted prompt by prompt."""
