@@ -262,8 +262,8 @@ class Benchmark:
                 "threads": torch.get_num_threads(), **scores, "curve": curve}  # fmt: skip
 
 
-def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, log=print,
-                  learning_rates=None) -> dict:
+def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=None, seeds=None, learning_rates=None,
+                  log=print) -> dict:
     """Run every missing (method, lr, seed) of `settings` (those whose method is in `only`, seed in `seeds` and
     learning rate in `learning_rates`, if given), appending each to `results_path` as it finishes."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

@@ -156,10 +156,10 @@ def test_real_quality_runs_to_do_keep_only_the_runs_asked_for():
     settings = real.Settings()
     every = real.runs(settings)
     assert real.runs_to_do(settings, set()) == every
-    ours_fast = real.runs_to_do(settings, set(), only=["ours"], learning_rates=[5e-5])
-    assert ours_fast == [run for run in every if run[0] == "ours" and run[1] == 5e-5]
-    assert {seed for _, _, seed in ours_fast} == set(settings.seeds)
-    assert real.runs_to_do(settings, set(ours_fast[:1]), only=["ours"], seeds=[ours_fast[0][2]],
+    ours_at_5e5 = real.runs_to_do(settings, set(), only=["ours"], learning_rates=[5e-5])
+    assert ours_at_5e5 == [run for run in every if run[0] == "ours" and run[1] == 5e-5]
+    assert {seed for _, _, seed in ours_at_5e5} == set(settings.seeds)
+    assert real.runs_to_do(settings, set(ours_at_5e5[:1]), only=["ours"], seeds=[ours_at_5e5[0][2]],
                            learning_rates=[5e-5]) == []  # fmt: skip
 
 
