@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import real_quality
 
+from rkd_trl.evaluation.metrics import bootstrap_interval
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks" / "real_positions.json"
 SAMPLES_PER_PROMPT = 4
@@ -205,7 +207,7 @@ def paired_reverse_kl(
             tok_b[i] for i in idx
         )
 
-    low, high = real_quality.bootstrap_interval(difference, len(kl_a), resamples, seed)
+    low, high = bootstrap_interval(difference, len(kl_a), resamples, seed)
     return {"difference": difference(range(len(kl_a))), "low": low, "high": high}
 
 

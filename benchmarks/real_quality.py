@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from rkd_trl.evaluation.metrics import bootstrap_interval  # noqa: E402  (after the settings above: it imports transformers)
+from rkd_trl.evaluation.metrics import paired_difference  # noqa: E402  (after the settings above: it imports transformers)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
@@ -120,7 +120,7 @@ SMOKE = Settings(
 SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
                            ablations=False, methods=["ours", "GKD JSD"])  # fmt: skip
 LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 2], later_seed_learning_rates=None,
-                             ablations=False, methods=["ours", LM_SHARE])  # fmt: skip
+                             ablations=False, methods=["ours", LM_SHARE, "ours w/o LM loss"])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -402,20 +402,6 @@ def prompt_scores(results: dict, method: str, learning_rate: float | None = None
     references = [[answer] for answer in results["teacher"]["greedy_answers"]]
     per_seed = [rouge_l_scores(run["greedy_answers"], references) for run in groups]
     return [100.0 * statistics.fmean(scores) for scores in zip(*per_seed, strict=True)], len(groups)
-
-
-def paired_difference(a: list[float], b: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
-    """Mean of `a − b` over prompts scored by both, its 95% bootstrap interval over prompts (`bootstrap_interval`)
-    and how many prompts each side scores higher on.
-
-    Pairing on prompts takes out what every method shares on a prompt (how far any short answer can be from the
-    teacher's one answer), which seed means and their spread leave in."""
-    differences = [x - y for x, y in zip(a, b, strict=True)]
-    low, high = bootstrap_interval(
-        lambda idx: statistics.fmean(differences[i] for i in idx), len(differences), resamples, seed
-    )
-    return {"difference": statistics.fmean(differences), "low": low, "high": high,
-            "a_higher": sum(d > 0 for d in differences), "b_higher": sum(d < 0 for d in differences)}  # fmt: skip
 
 
 # Rouge-L compared prompt by prompt: (results file, its start, [(a, b)]) at each learning rate of the pair.

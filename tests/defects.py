@@ -4,7 +4,6 @@ measures how far above the noise floor each one lies on the real SmolLM2)."""
 
 from contextlib import contextmanager
 
-import torch
 from transformers.cache_utils import Cache
 
 from rkd_trl import scoring

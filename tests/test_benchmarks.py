@@ -163,29 +163,6 @@ def test_real_quality_runs_to_do_keep_only_the_runs_asked_for():
                            learning_rates=[5e-5]) == []  # fmt: skip
 
 
-def test_paired_difference_against_normal_theory_and_by_hand():
-    """The bootstrap interval of a mean difference over many prompts matches the normal-theory interval
-    (mean ± 1.96 sd / √n); a constant difference has no spread; wins are counted prompt by prompt."""
-    import random
-    import statistics
-
-    spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
-    real = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(real)
-    rng = random.Random(1)
-    a = [rng.gauss(1.0, 4.0) for _ in range(400)]
-    b = [0.0] * 400
-    d = real.paired_difference(a, b, resamples=4000)
-    half = 1.96 * statistics.stdev(a) / 400**0.5
-    assert d["difference"] == pytest.approx(statistics.fmean(a))
-    assert d["low"] == pytest.approx(statistics.fmean(a) - half, abs=0.1 * half)
-    assert d["high"] == pytest.approx(statistics.fmean(a) + half, abs=0.1 * half)
-    same = real.paired_difference([3.0, 5.0, 7.0], [1.0, 3.0, 5.0])
-    assert same["difference"] == same["low"] == same["high"] == pytest.approx(2.0)
-    counts = real.paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 0.0])
-    assert (counts["a_higher"], counts["b_higher"]) == (2, 1)
-
-
 def test_prompt_scores_average_to_the_rouge_l_each_run_recorded():
     """Rouge-L prompt by prompt, recomputed from the greedy answers the committed runs saved, averages (over prompts,
     then seeds) to the corpus Rouge-L each run recorded when it ran; the pairs the report compares are all there."""
@@ -273,3 +250,40 @@ def test_paired_reverse_kl_per_token_pools_tokens_over_runs_and_prompts():
     assert "| 150 SFT steps | 5e-05 | 1, 2 | +1.000 | [+1.000, +1.000] | +6.0 |" in positions.differences_table(
         results
     )
+
+
+def load_code_quality_benchmark():
+    spec = importlib.util.spec_from_file_location("code_quality", BENCHMARKS / "code_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_problem():
+    """The code benchmark's table, from results as `run_grid` saves them: pass@1 of each model, and each run's
+    difference to the student before counted on the same problems (a run that passes one problem more of four, and
+    fails another the start passed, is +0 with an interval on both sides)."""
+    code = load_code_quality_benchmark()
+
+    def evaluation(passed, task_ids=("a", "b", "c", "d")):
+        return {"pass@1": sum(passed) / len(passed), "interval": [0.0, 1.0], "ended": 1.0,
+                "problems": [{"task_id": t, "passed": p} for t, p in zip(task_ids, passed, strict=True)]}  # fmt: skip
+
+    before = evaluation([True, False, False, False])
+    settings = {k: v for k, v in code.asdict(code.CPU).items() if k not in ("methods", "seeds")}
+    results = {"settings": {**settings, "precision": "bf16"}, "teacher": evaluation([True, True, True, False]),
+               "student before": before,
+               "runs": [{"method": "ours", "seed": 1, "seconds_per_step": 12.0, **evaluation([False, True, False, False])},
+                        {"method": "ours", "seed": 2, "seconds_per_step": 14.0, **evaluation([True, True, True, False])},
+                        {"method": "SeqKD", "seed": 1, "seconds_per_step": 3.0, **evaluation([True, False, False, False])}]}  # fmt: skip
+    table = code.grid_table(results)
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines() if "|" in line}
+    assert "| 25.0 |" in rows[("student before", "–")] and "| 75.0 |" in rows[("teacher", "–")]
+    # Bootstrap over 4 problems: a mean of four draws of {-100, +100, 0, 0} is -100 with probability 1/256 and -75
+    # or below with 9/256, so the 2.5% point is -75.
+    assert "+0.0 (-75.0 to +75.0)" in rows[("ours", "1")]
+    assert "+50.0 (+0.0 to +100.0)" in rows[("ours", "2")]  # two problems gained, none lost
+    assert "+0.0 (+0.0 to +0.0)" in rows[("SeqKD", "1")]
+    assert "| 50.0 ± 35.4 |" in rows[("ours, mean ± sd", "2 seeds")]
+    with pytest.raises(ValueError, match="same problems"):
+        code.paired_with(evaluation([True, False], ("a", "b")), evaluation([True, False], ("a", "c")))

@@ -190,3 +190,25 @@ def test_a_model_is_calibrated_against_its_own_samples(tiny_pair):
     other_ece = next_token_calibration(student, teacher, tokenizer, ["a"], max_new_tokens=2, samples_per_prompt=3000)
     assert self_ece < 0.03
     assert other_ece > 3 * self_ece
+
+
+def test_paired_difference_against_normal_theory_and_by_hand():
+    """The bootstrap interval of a mean difference over many prompts matches the normal-theory interval
+    (mean ± 1.96 sd / √n); a constant difference has no spread; wins are counted prompt by prompt."""
+    import random
+    import statistics
+
+    from rkd_trl.evaluation.metrics import paired_difference
+
+    rng = random.Random(1)
+    a = [rng.gauss(1.0, 4.0) for _ in range(400)]
+    b = [0.0] * 400
+    d = paired_difference(a, b, resamples=4000)
+    half = 1.96 * statistics.stdev(a) / 400**0.5
+    assert d["difference"] == pytest.approx(statistics.fmean(a))
+    assert d["low"] == pytest.approx(statistics.fmean(a) - half, abs=0.1 * half)
+    assert d["high"] == pytest.approx(statistics.fmean(a) + half, abs=0.1 * half)
+    same = paired_difference([3.0, 5.0, 7.0], [1.0, 3.0, 5.0])
+    assert same["difference"] == same["low"] == same["high"] == pytest.approx(2.0)
+    counts = paired_difference([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 0.0])
+    assert (counts["a_higher"], counts["b_higher"]) == (2, 1)
