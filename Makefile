@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # A pip constraints file applied to the install (empty: none).
 CONSTRAINTS ?=
 OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
-OLDEST_TESTS := tests/test_architectures.py tests/test_scoring.py tests/test_sampling.py tests/test_trainer.py \
+OLDEST_TESTS := tests/test_architectures.py tests/test_scoring.py tests/test_probe.py tests/test_sampling.py tests/test_trainer.py \
 	tests/test_config.py tests/test_docs.py
 
 .PHONY: setup setup-oldest demo test test-oldest bench clean

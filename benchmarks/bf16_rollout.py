@@ -1,6 +1,6 @@
 """Where bf16 autocast costs time in a rollout on this machine: the real SmolLM2-135M-Instruct teacher (30 layers)
 and a student keeping 10 of its layers, 8 prompts, 32 new tokens, each call under one autocast block
-(`scoring.compute_precision`) or in float32: transformers' `generate` for the student, our sampler for the student
+(`probe.compute_precision`) or in float32: transformers' `generate` for the student, our sampler for the student
 alone, at α = 0 (the teacher scoring once) and at α = 0.2, and the teacher's plain forward; the sampler again with
 both models prepared by accelerate for bf16 (an autocast block per forward call, as in the trainer); and the products
 of one layer and of the output head in bf16 and float32. Writes docs/benchmarks/bf16_rollout.json.
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from rkd_trl.demo.models import keep_layers, load_smollm2
+from rkd_trl.probe import compute_precision
 from rkd_trl.sampling import sample_teacher_mixed
-from rkd_trl.scoring import compute_precision
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "bf16_rollout.json"
 

@@ -34,15 +34,14 @@ from architectures import (  # noqa: E402
 )
 from defects import DEFECTS, head_misses_a_logit_multiplier, reordered_cache_loses_a_row  # noqa: E402
 
-from rkd_trl.scoring import (  # noqa: E402
+from rkd_trl.probe import (  # noqa: E402
     NOISE_MULTIPLE,
-    OutputHead,
     _ForwardProbe,
     _plain_logprobs,
     _probe_batch,
     distribution_discrepancy,
-    final_hidden_states,
 )
+from rkd_trl.scoring import OutputHead, final_hidden_states  # noqa: E402
 
 # name -> (compute_dtype under autocast, weights' dtype)
 PRECISIONS = {

@@ -12,14 +12,6 @@ import inspect
 import pytest
 import torch
 import transformers
-from datasets import Dataset
-from packaging.version import Version
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-from rkd_trl import ReverseKLDistillTrainer
-from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
-from rkd_trl.scoring import left_pad, position_ids_from_mask, scoring_tolerance, verify_scoring
-
 from architectures import (
     ADDED,
     ARCHITECTURES,
@@ -34,6 +26,14 @@ from architectures import (
     supported_transformers,
     tiny_model,
 )
+from datasets import Dataset
+from packaging.version import Version
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from rkd_trl import ReverseKLDistillTrainer
+from rkd_trl.probe import scoring_tolerance, verify_scoring
+from rkd_trl.sampling import mix_logprobs, sample_teacher_mixed
+from rkd_trl.scoring import left_pad, position_ids_from_mask
 
 PROMPTS = ["w01 w02 w03", "w04", "w05 w06", "w07 w08 w09 w10", "w11", "w12 w13"]
 # A quarter of the vocabulary ends a completion, so that rows end at different steps.

@@ -8,10 +8,6 @@ import gc
 
 import pytest
 import torch
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-from rkd_trl.scoring import verify_scoring
-
 from architectures import (
     ARCHITECTURES,
     KEEPS_ENDED_ROWS,
@@ -23,6 +19,9 @@ from architectures import (
     VOCAB_SIZE,
     tiny_model,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from rkd_trl.probe import verify_scoring
 
 
 @pytest.fixture(scope="module", autouse=True)

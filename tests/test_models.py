@@ -121,7 +121,7 @@ def test_the_probe_refuses_a_defect_in_the_real_model_in_bf16(defect, precision,
     injected is refused (benchmarks/probe_margins.py measures by how much each one exceeds the floor)."""
     from defects import DEFECTS
 
-    from rkd_trl.scoring import verify_scoring
+    from rkd_trl.probe import verify_scoring
 
     if precision == "bf16 weights" and defect.startswith("positions"):
         request.applymarker(MISSED_IN_BF16_WEIGHTS)

@@ -7,14 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from rkd_trl import ReverseKLDistillTrainer
 from rkd_trl.input_checks import check_distributed_setup
-
-from architectures import TOKENIZER, VOCAB_SIZE, tiny_model
 
 
 def build(make_config, student, teacher, tokenizer, dataset, **config):

@@ -54,11 +54,11 @@ PRIVATE_API = (
                 "trainer, reliability: the rollouts reused by the micro-batches and ppo_epochs passes"),
     PrivateName("trl.DistillationTrainer", "_metrics", "attribute", "trainer, reliability: logged metrics"),
     PrivateName("trl.DistillationTrainer", "_logs", "attribute", "trainer: the completions tables"),
-    # transformers.GenerationMixin: the cache and model kwargs that generate uses (rkd_trl.scoring's decoder)
+    # transformers.GenerationMixin: the cache and model kwargs that generate uses (rkd_trl.decoding)
     PrivateName("transformers.GenerationMixin", "_prepare_cache_for_generation", "method",
-                "scoring: the model's own cache for token-by-token decoding"),
+                "decoding: the model's own cache for token-by-token decoding"),
     PrivateName("transformers.GenerationMixin", "_update_model_kwargs_for_generation", "method",
-                "scoring: the cache and masks carried from one decode step to the next"),
+                "decoding: the cache and masks carried from one decode step to the next"),
     # torch.cpu: whether bf16 products are native on this CPU (rkd_trl.config)
     PrivateName("torch.cpu", "_is_avx512_bf16_supported", "function",
                 "config: an unset bf16 resolves to float32 on an x86 CPU without bf16 instructions"),

@@ -2,7 +2,7 @@
 
 Sampling from the mixture keeps the student from drifting to strings the teacher finds unlikely (reward hacking)
 early in training; the per-token importance weight `q_θ/p̃` corrects the gradient (see `advantages.py`).
-With `α > 0` the decode loop runs both models one token at a time over their caches (`scoring.IncrementalDecoder`),
+With `α > 0` the decode loop runs both models one token at a time over their caches (`decoding.IncrementalDecoder`),
 so each sampled token costs one incremental forward of each model, and it records everything the loss needs: the
 teacher's log-prob and final hidden state at every position are the rewards' and the single-step term's teacher
 scores. With `α = 0` the teacher is not needed inside the loop: the student samples alone and the teacher scores all
@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from .scoring import IncrementalDecoder, OutputHead, catch_up, final_hidden_states
+from .decoding import IncrementalDecoder, catch_up
+from .scoring import OutputHead, final_hidden_states
 
 
 @dataclass
@@ -127,7 +128,7 @@ def score_completions(
 
 
 class _TeacherCatchUp:
-    """The teacher of a teacher-mixed rollout, fed lazily (`scoring.catch_up`): when a teacher step needs its
+    """The teacher of a teacher-mixed rollout, fed lazily (`decoding.catch_up`): when a teacher step needs its
     distribution it reads the tokens sampled since its last call in one cached forward, and once more after the loop,
     so that it reads every position once and records the final hidden state that predicts each completion token.
 
@@ -202,7 +203,7 @@ def sample_teacher_mixed(
     then fed every token and the filtered mixture is drawn from directly.
 
     The batch shrinks as rows end: a row that has produced EOS is not fed again (and is dropped from a model's cache
-    where `drop_ended_rows` allows it, see `scoring.verify_scoring`).
+    where `drop_ended_rows` allows it, see `probe.verify_scoring`).
 
     Args:
         student, teacher: causal LMs sharing the first `vocab_size` vocabulary rows. With `alpha = 0` the teacher

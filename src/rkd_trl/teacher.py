@@ -2,7 +2,7 @@
 teachers, and the teacher's tokenizer: the student's (one shared vocabulary), or its own, when the teacher is scored
 across tokenizers (`crosstokenizer`, docs/cross-tokenizer.md) with the checks that needs; its preparation for the
 distributed backend, frozen (`set_up_teacher`, the trainer's one call). The trainer then probes it
-(`scoring.verify_scoring`)."""
+(`probe.verify_scoring`)."""
 
 import os
 import warnings

@@ -39,10 +39,11 @@ from .input_checks import (
 )
 from .losses import chunk_count_over_processes, lm_loss_sum, minillm_loss_sums
 from .model_card import MINILLM_PAPER, hub_repo_id, write_distillation_card
+from .probe import check_teacher_mass_past_vocab, verify_scoring
 from .reliability import ReliableTrainingMixin
 from .rollout_metrics import degeneration_metrics, rollout_metrics
 from .sampling import sample_teacher_mixed
-from .scoring import check_finite_parameters, check_teacher_mass_past_vocab, left_pad, verify_scoring
+from .scoring import check_finite_parameters, left_pad
 from .teacher import check_teacher_frozen, load_teacher, set_up_teacher
 
 logger = logging.get_logger(__name__)
@@ -223,7 +224,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
     # ------------------------------------------------------------------ set-up
 
     def _verify_scoring(self) -> tuple[bool, bool]:
-        """Start-up probe of both models (`scoring.verify_scoring`): their hidden states, output heads and token-by-token
+        """Start-up probe of both models (`probe.verify_scoring`): their hidden states, output heads and token-by-token
         decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
         finished rows can be dropped from the model's cache while sampling."""
         # Mixed precision runs each model's forward in autocast (accelerate wraps it) and the loss's output head in the

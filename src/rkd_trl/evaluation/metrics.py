@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from ..crosstokenizer import score_across_tokenizers, teacher_eos_token_ids
 from ..guard import repeated_ngram_share  # noqa: F401  (one definition, used by the degeneration guard)
+from ..probe import verify_scoring
 from ..sampling import sample_teacher_mixed
-from ..scoring import forward_arguments, left_pad, shared_vocab_size, verify_scoring
+from ..scoring import forward_arguments, left_pad, shared_vocab_size
 
 
 def chat_prompt_batch(tokenizer, prompts, device="cpu"):
