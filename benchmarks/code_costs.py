@@ -72,13 +72,12 @@ def load(model: str, dtype: str):
 
 
 def read_results() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"machine": machine(), "measurements": {}}
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"measurements": {}}
 
 
 def save(key: str, record: dict) -> None:
     results = read_results()
-    results["machine"] = machine()
-    results["measurements"][key] = record
+    results["measurements"][key] = {**record, "machine": machine()}  # machines differ between measurements
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"{key}: {json.dumps({k: v for k, v in record.items() if k != 'problems'})}", flush=True)
@@ -132,7 +131,9 @@ def measure_humaneval(model: str, dtype: str, first: int, last: int, batch_size:
             "execution_seconds": execution_seconds, "threads": n_threads}  # fmt: skip
 
 
-def measure_step(batch_size: int, max_new_tokens: int, steps: int, dtype: str) -> dict:
+def measure_step(batch_size: int, max_new_tokens: int, steps: int, dtype: str, bf16: bool = False) -> dict:
+    """`bf16`: mixed precision (the student's float32 weights under bf16 autocast), as on a machine that computes bf16
+    natively; the teacher's weights are in `dtype`."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
@@ -161,7 +162,7 @@ def measure_step(batch_size: int, max_new_tokens: int, steps: int, dtype: str) -
     args = ReverseKLDistillConfig(
         output_dir=str(REPO / "benchmarks" / ".cache" / "code-step"), per_device_train_batch_size=batch_size,
         max_steps=steps, max_new_tokens=max_new_tokens, learning_rate=5e-6, logging_steps=1, save_strategy="no",
-        report_to=[], bf16=False, use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        report_to=[], bf16=bf16, use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0,
         activation_checkpointing=False,
     )  # fmt: skip
     data = Dataset.from_dict({"prompt": user_turns(prompts)})
@@ -174,7 +175,7 @@ def measure_step(batch_size: int, max_new_tokens: int, steps: int, dtype: str) -
     return {"student": NAMES["0.5b"], "teacher": NAMES["1.5b"], "teacher_dtype": dtype, "batch_size": batch_size,
             "max_new_tokens": max_new_tokens, "step_seconds": times, "seconds_per_step": statistics.fmean(times[1:]),
             "completion_lengths": lengths, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            "threads": n_threads, "torch_dtype_student": str(torch.float32)}  # fmt: skip
+            "threads": n_threads, "torch_dtype_student": str(torch.float32), "bf16_autocast": bf16}  # fmt: skip
 
 
 # Rendering ---------------------------------------------------------------------------------------------------------
@@ -218,22 +219,42 @@ def pass_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_bf16(record: dict) -> str:
+    """Whether the CPU of a measurement computes bf16 natively (its flags), as a table cell."""
+    return "native" if record["machine"]["bf16_flags"] else "emulated"
+
+
 def throughput_table(results: dict) -> str:
-    lines = ["| model | dtype | batch | new tokens | tokens / s |", "|---|---|---|---|---|"]
+    lines = ["| model | dtype | batch | new tokens | tokens / s | CPU's bf16 |", "|---|---|---|---|---|---|"]
     for key, r in sorted(results["measurements"].items()):
         if key.startswith("throughput/"):
             lines.append(f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {r['new_tokens']} | "
-                         f"{r['tokens_per_second']:.1f} |")  # fmt: skip
+                         f"{r['tokens_per_second']:.1f} | {cpu_bf16(r)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def step_table(results: dict) -> str:
-    lines = ["| student ← teacher | teacher dtype | batch | max new tokens | s / step | peak RSS (GB) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| student ← teacher | teacher dtype | student | batch | max new tokens | s / step | peak RSS (GB) | "
+             "CPU's bf16 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for key, r in sorted(results["measurements"].items()):
         if key.startswith("step/"):
-            lines.append(f"| {r['student']} ← {r['teacher']} | {r['teacher_dtype']} | {r['batch_size']} | "
-                         f"{r['max_new_tokens']} | {r['seconds_per_step']:.0f} | {r['peak_rss_gb']:.1f} |")  # fmt: skip
+            student = "float32, bf16 autocast" if r.get("bf16_autocast") else "float32"
+            lines.append(f"| {r['student']} ← {r['teacher']} | {r['teacher_dtype']} | {student} | {r['batch_size']} | "
+                         f"{r['max_new_tokens']} | {r['seconds_per_step']:.0f} | {r['peak_rss_gb']:.1f} | "
+                         f"{cpu_bf16(r)} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def machines_table(results: dict) -> str:
+    """The machines and libraries of the measurements, each with what it measured."""
+    machines = {}
+    for key, record in sorted(results["measurements"].items()):
+        machines.setdefault(json.dumps(record["machine"], sort_keys=True), []).append(key)
+    lines = ["| measurements | CPU | cores | bf16 flags | torch | transformers | trl |", "|---|---|---|---|---|---|---|"]
+    for described, keys in machines.items():
+        m = json.loads(described)
+        lines.append(f"| {', '.join(f'`{k}`' for k in keys)} | {m['cpu']} | {m['cores']} | "
+                     f"{' '.join(m['bf16_flags']) or 'none'} | {m['torch']} | {m['transformers']} | {m['trl']} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -280,7 +301,7 @@ def doc_blocks() -> dict[str, str]:
     results = json.loads(RESULTS.read_text())
     return {"code-pass": pass_table(results), "code-throughput": throughput_table(results),
             "code-step": step_table(results), "code-grid": grid_estimate(results),
-            "code-machine": "```json\n" + json.dumps(results["machine"], indent=1) + "\n```\n"}  # fmt: skip
+            "code-machine": machines_table(results)}  # fmt: skip
 
 
 def main(argv=None):
@@ -302,6 +323,7 @@ def main(argv=None):
     step.add_argument("--max-new-tokens", type=int, default=64)
     step.add_argument("--steps", type=int, default=3)
     step.add_argument("--teacher-dtype", choices=["float32", "bfloat16"], default="float32")
+    step.add_argument("--bf16", action="store_true", help="the student under bf16 autocast (mixed precision)")
     options = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -316,8 +338,10 @@ def main(argv=None):
         )
         save(f"humaneval/{options.model}/{options.dtype}/{first}:{last}", record)
     else:
-        record = measure_step(options.batch_size, options.max_new_tokens, options.steps, options.teacher_dtype)
-        save(f"step/{options.teacher_dtype}/{options.batch_size}/{options.max_new_tokens}", record)
+        record = measure_step(options.batch_size, options.max_new_tokens, options.steps, options.teacher_dtype,
+                              options.bf16)  # fmt: skip
+        autocast = "/bf16-autocast" if options.bf16 else ""
+        save(f"step/{options.teacher_dtype}/{options.batch_size}/{options.max_new_tokens}{autocast}", record)
 
 
 if __name__ == "__main__":
