@@ -44,6 +44,7 @@ RESULTS = REPO / "docs" / "benchmarks" / "real_quality.json"
 STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
 SFT450_RESULTS = REPO / "docs" / "benchmarks" / "real_quality_sft450.json"
 LM_SHARE_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_share.json"
+LM_WEIGHT_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_weight.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
 # The defaults before whitening was turned off (the study below), and the ablations that ran with them.
@@ -120,7 +121,9 @@ SMOKE = Settings(
 SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
                            ablations=False, methods=["ours", "GKD JSD"])  # fmt: skip
 LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 2], later_seed_learning_rates=None,
-                             ablations=False, methods=["ours", LM_SHARE, "ours w/o LM loss"])  # fmt: skip
+                             ablations=False, methods=["ours", LM_SHARE])  # fmt: skip
+# The LM loss on or off (`--lm-weight`), the rest the defaults, on `dev`: the runs behind its default.
+LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss"], seeds=[1, 2, 3])
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -235,8 +238,10 @@ class Benchmark:
                                        train_dataset=prompts_only, processing_class=self.tokenizer)  # fmt: skip
         from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
 
-        variant = VARIANTS.get(method, {})
-        data = with_answers  # GKD's dataset: prompts and the teacher's answers (the default LM loss trains on them)
+        # `ours` here is the trainer's defaults as this benchmark ran them: with the LM loss on the teacher's answers
+        # (lm_loss_weight=1), whatever the default is now; every variant changes that.
+        variant = {"lm_loss_weight": 1.0, **VARIANTS.get(method, {})}
+        data = with_answers  # GKD's dataset: prompts and the teacher's answers (the LM loss trains on them)
         args = ReverseKLDistillConfig(**common, max_new_tokens=s.max_new_tokens, **variant)
         return ReverseKLDistillTrainer(model=student, teacher_model=self.teacher, args=args, train_dataset=data,
                                        processing_class=self.tokenizer)  # fmt: skip
@@ -438,8 +443,9 @@ def paired_table(paired=PAIRED) -> str:
     return "\n".join(lines) + "\n"
 
 
-def lm_share_table(results: dict) -> str:
-    """`method_table` of the `--lm-share` runs, then each method's training seconds per step (mean over its runs)."""
+def lm_loss_table(results: dict) -> str:
+    """`method_table` of the `--lm-share` or `--lm-weight` runs, then each method's training seconds per step (mean
+    over its runs)."""
     steps = results["settings"]["steps"]
     lines = [method_table(results, results["settings"]["methods"]), "| method | runs | training s / step |",
              "|---|---|---|"]  # fmt: skip
@@ -454,9 +460,10 @@ def doc_blocks() -> dict[str, str]:
     """Generated blocks of docs/benchmarks.md (see docs/generated.py), rendered from the committed results."""
     study = json.loads(STUDY_RESULTS.read_text())
     blocks = {"real-study": method_table(study, study["settings"]["methods"])}
-    lm_share = json.loads(LM_SHARE_RESULTS.read_text()) if LM_SHARE_RESULTS.exists() else {}
-    if lm_share.get("runs"):
-        blocks["real-lm-share"] = lm_share_table(lm_share)
+    for name, path in (("real-lm-share", LM_SHARE_RESULTS), ("real-lm-weight", LM_WEIGHT_RESULTS)):
+        lm_runs = json.loads(path.read_text()) if path.exists() else {}
+        if lm_runs.get("runs"):
+            blocks[name] = lm_loss_table(lm_runs)
     if not RESULTS.exists():
         return blocks
     results = json.loads(RESULTS.read_text())
@@ -480,6 +487,8 @@ def main(argv=None):
     parser.add_argument("--sft450", action="store_true", help=f"from a memorised SFT start ({SFT450_RESULTS.name})")
     parser.add_argument("--lm-share", action="store_true",
                         help=f"the LM loss on a quarter of the rows against the defaults, on dev ({LM_SHARE_RESULTS.name})")
+    parser.add_argument("--lm-weight", action="store_true",
+                        help=f"the defaults with and without the LM loss, on dev ({LM_WEIGHT_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--learning-rates", nargs="+", type=float, help="run only these learning rates")
@@ -491,7 +500,8 @@ def main(argv=None):
     options = parser.parse_args(argv)
     presets = ((options.smoke, SMOKE, None), (options.study, STUDY_SETTINGS, STUDY_RESULTS),
                (options.sft450, SFT450_SETTINGS, SFT450_RESULTS),
-               (options.lm_share, LM_SHARE_SETTINGS, LM_SHARE_RESULTS))  # fmt: skip
+               (options.lm_share, LM_SHARE_SETTINGS, LM_SHARE_RESULTS),
+               (options.lm_weight, LM_WEIGHT_SETTINGS, LM_WEIGHT_RESULTS))  # fmt: skip
     settings, default = next(((s, path) for chosen, s, path in presets if chosen), (Settings(), RESULTS))
     if options.all_rates_for_later_seeds:
         settings = replace(settings, later_seed_learning_rates=None)

@@ -136,13 +136,14 @@ def test_real_quality_results_take_new_methods_but_no_other_settings(tmp_path):
 
 def test_committed_real_results_can_be_extended_by_their_presets():
     """Each committed results file was run with the settings its command line uses today (`--study`, `--sft450`,
-    none), so rerunning that command adds to it instead of being refused; changing a default that shapes the runs
+    `--lm-share`, `--lm-weight`, none), so rerunning that command adds to it instead of being refused; changing a default that shapes the runs
     shows here first."""
     spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
     real = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real)
     for path, settings in ((real.RESULTS, real.Settings()), (real.STUDY_RESULTS, real.STUDY_SETTINGS),
-                           (real.SFT450_RESULTS, real.SFT450_SETTINGS)):  # fmt: skip
+                           (real.SFT450_RESULTS, real.SFT450_SETTINGS), (real.LM_SHARE_RESULTS, real.LM_SHARE_SETTINGS),
+                           (real.LM_WEIGHT_RESULTS, real.LM_WEIGHT_SETTINGS)):  # fmt: skip
         saved = json.loads(path.read_text())["settings"]
         assert real.same_grid(saved, real.asdict(settings)), path.name
     assert real.sft_student_path(real.SFT450_SETTINGS, Path(".")) != real.sft_student_path(real.Settings(), Path("."))
@@ -287,3 +288,22 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
     assert "| 50.0 ± 35.4 |" in rows[("ours, mean ± sd", "2 seeds")]
     with pytest.raises(ValueError, match="same problems"):
         code.paired_with(evaluation([True, False], ("a", "b")), evaluation([True, False], ("a", "c")))
+
+
+def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
+    """benchmarks/gpu_check.py, the script a session lent a GPU runs once, on tiny shapes on the CPU: every family
+    passes the probe in bf16 with its margins recorded and trains two finite steps; the per-step teacher runs once
+    per sampled token, the default catches up in fewer forwards."""
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    results = gpu_check.main(["--tiny", "--out", str(tmp_path / "g.json"), "--parts", "probe", "rollout"])
+    assert json.loads((tmp_path / "g.json").read_text())["probe"].keys() == set(gpu_check.FAMILIES)
+    for family, result in results["probe"].items():
+        assert result["finite"] and len(result["losses"]) == 2, family
+        for model in ("teacher", "student"):
+            assert 0 <= result[model]["decode_margin"] <= 4 and result[model]["catch_up"], (family, model)
+    rollout = results["rollout"]
+    assert rollout["α=0 (student alone)"]["teacher_calls"] == 1
+    assert rollout["α=0.2, teacher every token"]["teacher_calls"] == 8  # one per column: prompt + 7 fed tokens
+    assert 1 < rollout["α=0.2, teacher catching up (default)"]["teacher_calls"] < 8
