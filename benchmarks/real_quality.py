@@ -82,8 +82,9 @@ STUDY = {
 }
 # The LM loss on a random quarter of each batch's rows (`--lm-share`): the defaults otherwise.
 LM_SHARE = "ours, LM loss on 1/4 of the rows"
+LM_EIGHTH = "ours, LM loss on 1/8 of the rows"
 VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True},
-            LM_SHARE: {"lm_loss_row_share": 0.25}}  # fmt: skip
+            LM_SHARE: {"lm_loss_row_share": 0.25}, LM_EIGHTH: {"lm_loss_row_share": 0.125}}  # fmt: skip
 
 
 @dataclass
@@ -122,8 +123,9 @@ SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1,
                            ablations=False, methods=["ours", "GKD JSD"])  # fmt: skip
 LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 2], later_seed_learning_rates=None,
                              ablations=False, methods=["ours", LM_SHARE])  # fmt: skip
-# The LM loss on or off (`--lm-weight`), the rest the defaults, on `dev`: the runs behind its default.
-LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss"], seeds=[1, 2, 3])
+# The LM loss on every row, on a share of them, or off (`--lm-weight`), the rest the defaults, on `dev`, three seeds.
+LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss", LM_SHARE, LM_EIGHTH],
+                             seeds=[1, 2, 3])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -488,7 +490,7 @@ def main(argv=None):
     parser.add_argument("--lm-share", action="store_true",
                         help=f"the LM loss on a quarter of the rows against the defaults, on dev ({LM_SHARE_RESULTS.name})")
     parser.add_argument("--lm-weight", action="store_true",
-                        help=f"the defaults with and without the LM loss, on dev ({LM_WEIGHT_RESULTS.name})")
+                        help=f"the LM loss on every row, on a share of them, or off, on dev ({LM_WEIGHT_RESULTS.name})")
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--learning-rates", nargs="+", type=float, help="run only these learning rates")
