@@ -9,7 +9,8 @@ from datasets import Dataset
 
 from rkd_trl import ReverseKLDistillConfig, ReverseKLDistillTrainer
 from rkd_trl.demo.instructions import SPLITS, load_instructions, user_turns
-from rkd_trl.demo.models import decoder_layers_name, evenly_spaced_layers, keep_layers, load_smollm2
+from rkd_trl.demo.models import evenly_spaced_layers, keep_layers, load_smollm2
+from rkd_trl.scoring import decoder_layers_name
 
 
 def test_evenly_spaced_layers_keep_the_first_and_the_last():
@@ -106,25 +107,17 @@ def test_sft_on_answers_that_never_ended_is_refused(tmp_path):
         sft_student(None, None, ["prompt"], [cut_off], tmp_path)
 
 
-# In bf16 weights the probe runs in bf16 alone, and on the real model the left-padding defect lies at 2.3× its noise
-# floor there (docs/benchmarks/probe_margins.json), under the tolerance of 4×: accepted. Under bf16 autocast over
-# float32 weights the probe's float32 pass refuses it (6e4× the floor).
-MISSED_IN_BF16_WEIGHTS = pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                                           reason="the probe misses this defect of the real model in bf16 weights")
-
-
 @pytest.mark.parametrize("precision", ["bf16 autocast", "bf16 weights"])
 @pytest.mark.parametrize("defect", ["cached logits ×2", "positions off by one under left padding"])
-def test_the_probe_refuses_a_defect_in_the_real_model_in_bf16(defect, precision, request):
+def test_the_probe_refuses_a_defect_in_the_real_model_in_bf16(defect, precision):
     """The start-up probe on the real SmolLM2 (a student keeping its first and last layers, trained weights) in bf16,
     the precision users train in: the model itself is accepted, the same model with a defect of tests/defects.py
-    injected is refused (benchmarks/probe_margins.py measures by how much each one exceeds the floor)."""
+    injected is refused (benchmarks/probe_margins.py measures by how much each one exceeds the floor). In bf16 weights
+    the left-padding defect lies under the tolerance of the bf16 pass (2.3× its floor): the float32 pass on a copy of
+    the model's first layers refuses it."""
     from defects import DEFECTS
 
     from rkd_trl.probe import verify_scoring
-
-    if precision == "bf16 weights" and defect.startswith("positions"):
-        request.applymarker(MISSED_IN_BF16_WEIGHTS)
     teacher, tokenizer = load_smollm2()
     student = keep_layers(teacher, [0, 29]).eval()
     del teacher

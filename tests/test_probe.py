@@ -169,3 +169,43 @@ def test_probe_keeps_finished_rows_when_dropping_them_loses_a_rows_state(precisi
     model = tiny_model("llama", initializer_range=0.2).to(weights)
     with reordered_cache_loses_a_row():
         assert verify_scoring(model, VOCAB_SIZE, 0, "student", compute_dtype).drop_ended_rows is False
+
+
+def test_the_float32_copy_of_a_16_bit_model_is_its_first_layers_computing_as_they_do():
+    """`float32_prefix_copy`: the first two decoder layers of a bf16 model in float32, computing what the same layers
+    built from the config compute (`keep_layers`, an independent construction), the model itself untouched; a model
+    whose layer types alternate keeps enough layers to hold each type."""
+    from rkd_trl.demo.models import keep_layers
+    from rkd_trl.probe import float32_prefix_copy, prefix_length
+
+    model = tiny_model("llama", num_hidden_layers=4).to(torch.bfloat16)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    prefix, described = float32_prefix_copy(model)
+    assert described == "a float32 copy of its first 2 decoder layers"
+    assert prefix.config.num_hidden_layers == 2 and len(prefix.model.layers) == 2
+    assert {p.dtype for p in prefix.parameters()} == {torch.float32}
+    assert model.config.num_hidden_layers == 4 and len(model.model.layers) == 4
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert not {p.data_ptr() for p in prefix.parameters()} & {p.data_ptr() for p in model.parameters()}
+    ids = torch.randint(VOCAB_SIZE, (2, 6), generator=torch.Generator().manual_seed(0))
+    rebuilt = keep_layers(model, [0, 1]).float().eval()
+    assert torch.equal(prefix(input_ids=ids).logits, rebuilt(input_ids=ids).logits)
+
+    kinds = ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 2
+    alternating = tiny_model("gemma3_text", num_hidden_layers=8, layer_types=kinds)
+    keep = prefix_length(alternating.config)
+    assert set(kinds[:keep]) == set(kinds) and set(kinds[: keep - 1]) != set(kinds)
+    assert float32_prefix_copy(alternating)[0].config.layer_types == kinds[:keep]
+
+
+def test_a_16_bit_model_that_cannot_be_copied_is_probed_in_its_own_dtype_with_one_line_saying_so(caplog):
+    """Quantised weights cannot be upcast: the bf16 probe still runs, and one logged line says the float32 one did
+    not."""
+    import logging
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    model.is_quantized = True
+    with caplog.at_level(logging.WARNING, logger="rkd_trl.probe"):
+        check = verify_scoring(model, VOCAB_SIZE, 0, "teacher")
+    assert check.noise.dtype == torch.bfloat16
+    assert "is probed in bfloat16 only, not also in float32 on a copy: its weights are quantised" in caplog.text

@@ -3,14 +3,18 @@ and multi-token cached decoding) must equal the model's own plain forward up to 
 training computes in, or the trainer refuses the model (docs/reliability.md).
 """
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
 
 from .decoding import IncrementalDecoder, catch_up
-from .scoring import OutputHead, causal_lm, final_hidden_states, forward_arguments
+from .scoring import OutputHead, causal_lm, decoder_layers_name, final_hidden_states, forward_arguments
+
+logger = logging.get_logger(__name__)
 
 # A computation is accepted when it stays within this multiple of the model's own rounding noise (`NoiseFloor`):
 # correct decoding of the real SmolLM2 stays below 1× in float32, bfloat16 and float16, the defects the probe exists
@@ -239,6 +243,60 @@ def _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows,
     return worst
 
 
+def prefix_length(config) -> int:
+    """How many of its first decoder layers a float32 copy keeps: two, or as many as it takes to hold each of the
+    model's layer types once (per-layer lists such as `layer_types`: sliding and full attention, linear attention,
+    SSM; `mlp_layer_types`: dense and sparse)."""
+    num_layers = config.num_hidden_layers
+    needed = 2
+    for key, value in config.to_dict().items():
+        if "type" in key and isinstance(value, (list, tuple)) and len(value) == num_layers:
+            first_of_each = {}
+            for index, kind in enumerate(value):
+                first_of_each.setdefault(repr(kind), index)
+            needed = max(needed, max(first_of_each.values()) + 1)
+    return min(num_layers, needed)
+
+
+def float32_prefix_copy(lm) -> tuple[torch.nn.Module | None, str]:
+    """A float32 copy of the causal LM `lm` cut to its first `prefix_length` decoder layers, and a description of it;
+    or None and why it cannot be made (quantised, sharded or dispatched weights, a nested config).
+
+    The probe of a model whose weights are 16-bit runs it there too: on the real SmolLM2 in bf16 weights, positions off
+    by one under left padding lie at 2.3-3.4× the bf16 noise floor, under the tolerance, and 10⁴× above the float32
+    one. The copy is a deep copy, so what the model computes is what the copy computes (its own forward, an
+    instance's replaced forward, its hooks), but for the layers after the prefix, which are not copied; the first
+    layers keep their indices, so per-layer settings given as positions or periods stay valid. It costs float32
+    embeddings and output layer for the duration of the probe."""
+    config = lm.config
+    parameters = list(lm.parameters())
+    if config.get_text_config() is not config:
+        return None, "its config nests a text config"
+    if getattr(lm, "is_quantized", False) or getattr(lm, "hf_quantizer", None) is not None:
+        return None, "its weights are quantised"
+    if any(hasattr(p, "ds_id") or "DTensor" in (type(p).__name__, type(p.data).__name__) for p in parameters):
+        return None, "its weights are sharded (DeepSpeed ZeRO-3 or FSDP)"
+    if len({p.device for p in parameters}) > 1 or any(hasattr(m, "_hf_hook") for m in lm.modules()):
+        return None, "its weights are dispatched over devices"
+    try:
+        stack_name = decoder_layers_name(lm)
+    except ValueError as error:
+        return None, str(error)
+    keep = prefix_length(config)
+    stack = lm.get_submodule(stack_name)
+    memo = {id(layer): layer for layer in stack[keep:]}  # the layers after the prefix are not copied
+    try:
+        prefix = copy.deepcopy(lm, memo)
+    except Exception as error:  # a module holding something that cannot be copied (a lock, a compiled kernel)
+        return None, f"it cannot be copied ({type(error).__name__}: {error})"
+    del prefix.get_submodule(stack_name)[keep:]
+    for key, value in list(prefix.config.to_diff_dict().items()):
+        if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers and key != "architectures":
+            setattr(prefix.config, key, type(value)(value[:keep]))
+    prefix.config.num_hidden_layers = keep
+    return prefix.float().eval(), f"a float32 copy of its first {keep} decoder layers"
+
+
 @torch.no_grad()
 def verify_scoring(
     model: torch.nn.Module, vocab_size: int, pad_token_id: int, name: str, compute_dtype: torch.dtype | None = None
@@ -257,13 +315,15 @@ def verify_scoring(
     `compute_dtype`: the mixed-precision dtype the model's forwards run in under autocast (accelerate wraps the forward
     in autocast, the loss's output head runs in the training step's), when other than the parameters' own. The probe
     then runs twice: in the weights' own dtype, where a defect stands out of a floor thousands of times lower, and
-    under that autocast, where training computes.
+    under that autocast, where training computes. A model whose weights are 16-bit is probed in float32 too, on
+    `float32_prefix_copy` (one logged line when no copy can be made).
     """
     lm = causal_lm(model)
     batch = _probe_batch(vocab_size, pad_token_id, next(lm.parameters()).device)
     model_named = f"The {name} ({type(lm).__name__}, model_type={lm.config.model_type!r})"
+    weights = parameter_dtype(lm)
     precisions = [compute_dtype]
-    if compute_dtype is not None and torch.finfo(compute_dtype).bits < torch.finfo(parameter_dtype(lm)).bits:
+    if compute_dtype is not None and torch.finfo(compute_dtype).bits < torch.finfo(weights).bits:
         precisions = [None, compute_dtype]
     was_training = lm.training
     lm.eval()
@@ -274,11 +334,14 @@ def verify_scoring(
             errors[drop_ended_rows] = [probe.decode_discrepancy(drop_ended_rows) for probe in probes]
             if all(probe.accepts(error) for probe, error in zip(probes, errors[drop_ended_rows])):
                 catch_up_error = next(filter(None, (probe.catch_up_error(drop_ended_rows) for probe in probes)), None)
-                return ScoringCheck(
+                check = ScoringCheck(
                     drop_ended_rows, probes[-1].mass_past_vocab, catch_up_error is None, catch_up_error,
                     noise=probes[-1].noise,
                     head_discrepancy=probes[-1].head_discrepancy, decode_discrepancy=errors[drop_ended_rows][-1],
                 )  # fmt: skip
+                if torch.finfo(weights).bits < 32:
+                    _probe_float32_prefix(lm, vocab_size, pad_token_id, batch, model_named, check)
+                return check
         failed = next(i for i, probe in enumerate(probes) if not all(probe.accepts(e[i]) for e in errors.values()))
         raise ValueError(
             f"{model_named} cannot be decoded token by token reproducibly: its incremental log-probs differ from its "
@@ -293,14 +356,57 @@ def verify_scoring(
         lm.train(was_training)
 
 
+def _probe_float32_prefix(lm, vocab_size, pad_token_id, batch, model_named, check: ScoringCheck) -> None:
+    """For a model whose weights are 16-bit, the decoding `check` chose and the catch-up checked again in float32, on
+    `float32_prefix_copy`, where a defect stands out of a floor thousands of times lower than bf16's. A discrepancy
+    there refuses the model (`ValueError`), or its catch-up (`check.catch_up` set False); a copy that cannot be made
+    or run (the error is the copy's, not a number) leaves the 16-bit check as it is, with one logged line."""
+    precision = _dtype_name(parameter_dtype(lm))
+    prefix, described = float32_prefix_copy(lm)
+
+    def skipped(why: str) -> None:
+        logger.warning(f"{model_named} is probed in {precision} only, not also in float32 on a copy: {why}.")
+
+    if prefix is None:
+        return skipped(described)
+    try:
+        probe = _ForwardProbe(prefix, vocab_size, pad_token_id, batch, None, model_named, described)
+    except ValueError as error:
+        if error.__cause__ is None:  # a number, not an error of the copy: the head or the forward differs in float32
+            raise
+        return skipped(f"{described} cannot run ({error.__cause__})")
+    discrepancy = probe.decode_discrepancy(check.drop_ended_rows)
+    if isinstance(discrepancy, str):
+        return skipped(f"{described} cannot decode ({discrepancy})")
+    if not probe.accepts(discrepancy):
+        raise ValueError(
+            f"{model_named} cannot be decoded token by token reproducibly: its incremental log-probs differ from its "
+            f"own full forward over the same tokens by more than rounding explains. In float32 (on {described}), "
+            f"the expected error in a sampled token's log-probability at the worst position is "
+            f"{_describe(discrepancy)}, while {probe.noise.describe()}; in {precision} the same defect hides in the "
+            "rounding noise. Training on these scores would learn the wrong distribution, so this model is not "
+            "supported as a student or a teacher of the teacher-mixed sampler."
+        )
+    for feeds in CATCH_UP_SCHEDULES if check.catch_up else ():
+        with probe.precision():
+            error = _catch_up_discrepancy(prefix, vocab_size, pad_token_id, batch, probe.head, check.drop_ended_rows,
+                                          feeds)  # fmt: skip
+        if isinstance(error, float) and not probe.accepts(error):  # an error raised would be the copy's
+            check.catch_up = False
+            check.catch_up_error = (f"in float32 on {described}, feeding {feeds} tokens at a time, its log-probs "
+                                    f"differ from its forward by up to {error:.3g}")  # fmt: skip
+            break
+
+
 class _ForwardProbe:
     """The probe in one precision (`compute_dtype` under autocast, None: the weights' own): the plain forward, the
     noise floor and the output head are checked when built (raising on a failure); `decode_discrepancy` runs the
     decoding."""
 
-    def __init__(self, lm, vocab_size, pad_token_id, batch, compute_dtype, model_named):
+    def __init__(self, lm, vocab_size, pad_token_id, batch, compute_dtype, model_named, described=None):
         self.lm, self.vocab_size, self.pad_token_id, self.batch = lm, vocab_size, pad_token_id, batch
         self.compute_dtype = compute_dtype
+        self.where = f" (on {described})" if described else ""  # the model itself, or a copy of it
         input_ids = torch.cat([batch[0], batch[2]], 1)
         attention_mask = torch.cat([batch[1], batch[3]], 1)
         arguments = forward_arguments(lm, input_ids, attention_mask, use_cache=False)
@@ -315,8 +421,9 @@ class _ForwardProbe:
                 self.noise = measure_noise_floor(lm, input_ids, attention_mask, vocab_size, compute_dtype)
             except Exception as error:  # a forward that cannot take left padding and positions, an unusual head
                 raise ValueError(
-                    f"{model_named} cannot be scored: its forward over left-padded sequences (positions from the "
-                    "attention mask, as `generate` gives them), or its output head on its final hidden states, raises "
+                    f"{model_named}{self.where} cannot be scored: its forward over left-padded sequences (positions "
+                    "from the attention mask, as `generate` gives them), or its output head on its final hidden "
+                    "states, raises "
                     f"{type(error).__name__}: {error}"
                 ) from error
         # The same forward twice must give the same scores: the noise floor cannot tell a random forward (dropout
@@ -327,7 +434,8 @@ class _ForwardProbe:
         dtype = compute_dtype or parameter_dtype(lm)
         if not repeat <= scoring_tolerance(dtype):
             raise ValueError(
-                f"{model_named} does not score deterministically: two plain forwards of the same tokens in "
+                f"{model_named}{self.where} does not score deterministically: two plain forwards of the same tokens "
+                "in "
                 f"{_dtype_name(dtype)} give next-token distributions {_describe(repeat)} apart (expected error in a "
                 f"sampled token's log-probability at the worst position; at most {scoring_tolerance(dtype):.2g} "
                 "accepted). Its forward is random in eval mode: a dropout that ignores `model.eval()` (a "
@@ -340,7 +448,8 @@ class _ForwardProbe:
         self.mass_past_vocab = all_logits.softmax(-1)[:, vocab_size:].sum(-1).max().item()
         if not self.accepts(self.head_discrepancy):
             raise ValueError(
-                f"{model_named} cannot be scored from its hidden states: its output head applied to its backbone's "
+                f"{model_named}{self.where} cannot be scored from its hidden states: its output head applied to its "
+                "backbone's "
                 f"final hidden states differs from its own forward's logits (the expected error in a sampled token's "
                 f"log-probability at the worst position is {_describe(self.head_discrepancy)}), while "
                 f"{self.noise.describe()}. Its forward computes the logits from more than the backbone output, which "
@@ -378,13 +487,20 @@ CATCH_UP_SCHEDULES = ((1, 2), (2, 1))
 def _catch_up_error(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, tolerance) -> str | None:
     """None when multi-token cached feeds (`CATCH_UP_SCHEDULES`) reproduce the full forward, else what differed."""
     for feeds in CATCH_UP_SCHEDULES:
-        try:
-            error = _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds)
-        except Exception as exception:  # a cache or forward that takes one new token at a time only
-            return f"feeding {feeds} tokens at a time raises {type(exception).__name__}: {exception}"
+        error = _catch_up_discrepancy(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds)
+        if isinstance(error, str):
+            return f"feeding {feeds} tokens at a time raises {error}"
         if not error <= tolerance:
             return f"feeding {feeds} tokens at a time, its log-probs differ from its forward by up to {error:.3g}"
     return None
+
+
+def _catch_up_discrepancy(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds) -> float | str:
+    """`_decode_probe` fed `feeds` columns at a time, or what it raised."""
+    try:
+        return _decode_probe(model, vocab_size, pad_token_id, batch, head, drop_ended_rows, feeds)
+    except Exception as exception:  # a cache or forward that takes one new token at a time only
+        return f"{type(exception).__name__}: {exception}"
 
 
 def _describe(error) -> str:

