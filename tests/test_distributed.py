@@ -38,14 +38,14 @@ def one_process_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     tiny = load_example("make_tiny_models").make_tiny_models(root / "tiny", teacher_steps=30, student_sft_steps=10)
     # Greedy decoding (top_k=1) makes the rollouts independent of how prompts are split over processes; whitening
-    # (turned on here) takes its statistics over all processes. SGD keeps weight differences = lr × gradient
-    # differences.
+    # (turned on here) takes its statistics over all processes; the LM loss on every row, since the rows a share
+    # draws depend on the split. SGD keeps weight differences = lr × gradient differences.
     arguments = [
         "--config", str(REPO / "examples/recipes/tiny.yaml"),
         "--model_name_or_path", str(tiny / "student"),
         "--teacher_model_name_or_path", str(tiny / "teacher"),
         "--dataset_name", str(tiny / "data"),
-        "--max_steps", "3", "--top_k", "1", "--whiten_advantages", "true",
+        "--max_steps", "3", "--top_k", "1", "--whiten_advantages", "true", "--lm_loss_row_share", "1.0",
         "--optim", "sgd", "--learning_rate", "0.5", "--max_grad_norm", "0", "--logging_steps", "1",
     ]  # fmt: skip
     parser = make_train_parser()
