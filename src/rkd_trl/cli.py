@@ -378,13 +378,14 @@ def main(argv=None):
     demo.add_argument("--output-dir", default="rkd-trl-demo", help="where the caches, student and card go")
     demo.add_argument(
         "--task",
-        choices=["real", "short", "chain"],
+        choices=["real", "code", "short", "chain"],
         default="real",
-        help="real: SmolLM2 on real instructions; short: 3-letter answers, 4 per prompt; chain: 8-letter answers "
-        "built in 4 branching steps",
+        help="real: SmolLM2 on real instructions; code: Qwen2.5-Coder-1.5B-Instruct into 0.5B-Instruct, judged by "
+        "running each model's code against dev problems' tests (needs `make models`; longer than real: the "
+        "1.5B teacher runs); short: 3-letter answers, 4 per prompt; chain: 8-letter answers built in 4 branching steps",
     )
     demo.add_argument(
-        "--steps", type=int, default=None, help="distillation optimizer steps (default: 20 real, 300 synthetic)"
+        "--steps", type=int, default=None, help="distillation optimizer steps (default: 20 real, 10 code, 300 synthetic)"
     )
     demo.add_argument(
         "--sft-steps",
@@ -392,7 +393,7 @@ def main(argv=None):
         default=None,
         help="SFT steps that initialise the student (default: 80 real, 600 short, 800 chain)",
     )
-    demo.add_argument("--learning-rate", type=float, default=None, help="default: 5e-5 real, 3e-3 synthetic")
+    demo.add_argument("--learning-rate", type=float, default=None, help="default: 5e-5 real, 5e-6 code, 3e-3 synthetic")
     demo.add_argument(
         "--teacher-mix-alpha", type=float, default=None, help="teacher share α of the sampler (default: the trainer's)"
     )

@@ -4,6 +4,9 @@
 that keeps 10 of its 30 layers, on the packaged instructions; the held-out prompts answered by the teacher and by the
 student before and after, side by side, with a metrics table, a plot and the model card.
 
+`--task code`: Qwen2.5-Coder-1.5B-Instruct distilled into Qwen2.5-Coder-0.5B-Instruct, each model's code to dev
+problems run against their tests, before and after (`rkd_trl.demo.code`; the models from `make models`).
+
 `--task short|chain`: a tiny teacher trained on a synthetic task where every prompt has several valid answers (the
 answers can be checked exactly); validity, Rouge-L, reverse KL and length before and after.
 """
@@ -22,7 +25,8 @@ from .synthetic import ChainTask, MultiAnswerTask, cached_teacher, tiny_causal_l
 @dataclass
 class DemoSettings:
     output_dir: str = "rkd-trl-demo"
-    task: str = "real"  # "real": SmolLM2 on the packaged instructions; "short": MultiAnswerTask; "chain": ChainTask
+    task: str = "real"  # "real": SmolLM2 on the packaged instructions; "code": Qwen2.5-Coder (demo.code);
+    # "short": MultiAnswerTask; "chain": ChainTask
     steps: int | None = None  # None: the task's default (300 synthetic, REAL["steps"] real)
     sft_steps: int | None = None  # None: the task's default (TASKS, REAL)
     learning_rate: float | None = None  # None: 3e-3 synthetic, REAL["learning_rate"] real
@@ -133,6 +137,10 @@ def plot(rows: dict[str, dict], log_history: list[dict], path: Path):
 def run_demo(settings: DemoSettings) -> dict[str, dict]:
     if settings.task == "real":
         return run_real_demo(settings)
+    if settings.task == "code":
+        from .code import run_code_demo
+
+        return run_code_demo(settings)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
