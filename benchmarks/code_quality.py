@@ -21,7 +21,7 @@ Pairs (`--pair`):
 
 Runs are appended to the results JSON as they finish, so an interrupted grid resumes where it stopped:
 
-    PYTHONPATH=src python benchmarks/code_quality.py --pair headline            # the grid (docs/benchmarks/code_quality-headline-humaneval.json)
+    PYTHONPATH=src python benchmarks/code_quality.py --pair headline            # the grid (results: `results_name`)
     PYTHONPATH=src python benchmarks/code_quality.py --pair cpu --eval dev      # the CPU pair, on the dev problems
     PYTHONPATH=src python benchmarks/code_quality.py --smoke                    # the same code on tiny settings
 """
@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +40,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "docs" / "benchmarks"
 # trl.DistillationTrainer's default β is 1 (reverse KL) in trl 1.16: its default and β = 1 are one run.
 METHODS = ["ours", "ours w/o LM loss", "DistillationTrainer β=1", "GKD JSD", "SeqKD"]
@@ -231,6 +233,11 @@ def run_grid(settings: Settings, work_dir: Path, results_path: Path, log=print) 
     if results.get("settings", shared) != shared:
         raise ValueError(f"{results_path} holds runs with other settings: move it away or use --results.")
     results["settings"] = shared
+    # The machines that ran this file's runs (CPUs differ between sessions: bf16 native or emulated).
+    from code_costs import machine
+
+    if machine() not in results.setdefault("machines", []):
+        results["machines"].append(machine())
     bench = Benchmark(settings, work_dir)
     for name in ("teacher", "student before"):
         if name not in results:
@@ -271,13 +278,22 @@ def paired_with(after: dict, before: dict) -> dict:
     return paired_difference(points(after), points(before))
 
 
+def repetition(record: dict) -> float:
+    """Mean share of repeated 4-grams of white-space words in an evaluation's replies (`repeated_ngram_share`): near
+    1 for a reply that loops until the token budget."""
+    from rkd_trl.guard import repeated_ngram_share
+
+    return repeated_ngram_share([problem["reply"].split() for problem in record["problems"]], 4)
+
+
 def grid_table(results: dict) -> str:
     """One results file as markdown: its settings, then a row per model (teacher, student before, each method's run)
-    with pass@1, its interval, the paired difference to the student before, replies that ended, seconds per step."""
+    with pass@1, its interval, the paired difference to the student before, replies that ended, their repeated
+    4-grams, seconds per step and minutes of the evaluation."""
     import statistics
 
     s = results["settings"]
-    before = results["student before"]
+    before = results.get("student before")  # a grid under way may have judged only the teacher yet
     lines = [
         f"{PAIR_NAMES[s['pair']]}; judged on {'HumanEval (164 problems)' if s['eval'] == 'humaneval' else 'the dev problems'}"
         f" in {s['precision']}; {s['steps']} steps of batch {s['batch_size']}, {s['max_new_tokens']} new tokens, "
@@ -285,15 +301,17 @@ def grid_table(results: dict) -> str:
         + (f"; student layers {s['student_layers']}, {s['sft_steps']} SFT steps" if s["student_layers"] else "")
         + ".",
         "",
-        "| model | seed | pass@1 | 95% interval | − student before (paired 95% interval) | ended | s / step |",
-        "|---|---|---|---|---|---|---|",
+        "| model | seed | pass@1 | 95% interval | − student before (paired 95% interval) | ended | rep-4 | s / step "
+        "| eval min |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     row = lambda name, seed, r, diff, step: (  # noqa: E731
         f"| {name} | {seed} | {100 * r['pass@1']:.1f} | {100 * r['interval'][0]:.1f}–{100 * r['interval'][1]:.1f} "
-        f"| {diff} | {100 * r['ended']:.0f}% | {step} |"
+        f"| {diff} | {100 * r['ended']:.0f}% | {repetition(r):.2f} | {step} | {r['eval_seconds'] / 60:.0f} |"
     )
     lines.append(row("teacher", "–", results["teacher"], "–", "–"))
-    lines.append(row("student before", "–", before, "–", "–"))
+    if before is not None:
+        lines.append(row("student before", "–", before, "–", "–"))
     by_method = {}
     for run in results.get("runs", []):
         by_method.setdefault(run["method"], []).append(run)
@@ -305,8 +323,15 @@ def grid_table(results: dict) -> str:
         if len(by_method[method]) > 1:
             scores = [100 * r["pass@1"] for r in by_method[method]]
             lines.append(f"| {method}, mean ± sd | {len(scores)} seeds | {statistics.fmean(scores):.1f} ± "
-                         f"{statistics.stdev(scores):.1f} | | | | |")  # fmt: skip
-    return "\n".join(lines) + "\n"
+                         f"{statistics.stdev(scores):.1f} | | | | | | |")  # fmt: skip
+    lines.append("")
+    for m in results.get("machines", []):
+        lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, bf16 {' '.join(m['bf16_flags']) or 'emulated (no flags)'}; "
+                     f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}. ")  # fmt: skip
+    threads = sorted({run["threads"] for run in results.get("runs", []) if "threads" in run})
+    if threads:
+        lines.append(f"Torch threads of the training runs: {', '.join(map(str, threads))}.")
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def doc_blocks() -> dict[str, str]:

@@ -267,8 +267,9 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
     code = load_code_quality_benchmark()
 
     def evaluation(passed, task_ids=("a", "b", "c", "d")):
-        return {"pass@1": sum(passed) / len(passed), "interval": [0.0, 1.0], "ended": 1.0,
-                "problems": [{"task_id": t, "passed": p} for t, p in zip(task_ids, passed, strict=True)]}  # fmt: skip
+        return {"pass@1": sum(passed) / len(passed), "interval": [0.0, 1.0], "ended": 1.0, "eval_seconds": 120.0,
+                "problems": [{"task_id": t, "passed": p, "reply": "a b c d a b c d" if p else "x = 1"}
+                             for t, p in zip(task_ids, passed, strict=True)]}  # fmt: skip
 
     before = evaluation([True, False, False, False])
     settings = {k: v for k, v in code.asdict(code.CPU).items() if k not in ("methods", "seeds")}
@@ -276,7 +277,9 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
                "student before": before,
                "runs": [{"method": "ours", "seed": 1, "seconds_per_step": 12.0, **evaluation([False, True, False, False])},
                         {"method": "ours", "seed": 2, "seconds_per_step": 14.0, **evaluation([True, True, True, False])},
-                        {"method": "SeqKD", "seed": 1, "seconds_per_step": 3.0, **evaluation([True, False, False, False])}]}  # fmt: skip
+                        {"method": "SeqKD", "seed": 1, "seconds_per_step": 3.0, **evaluation([True, False, False, False])}],
+               "machines": [{"cpu": "x86_64", "cores": 2, "bf16_flags": ["avx512_bf16"], "torch": "2.13.0",
+                             "transformers": "5.24.0", "trl": "1.16.0"}]}  # fmt: skip
     table = code.grid_table(results)
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in table.splitlines() if "|" in line}
     assert "| 25.0 |" in rows[("student before", "–")] and "| 75.0 |" in rows[("teacher", "–")]
@@ -286,6 +289,10 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
     assert "+50.0 (+0.0 to +100.0)" in rows[("ours", "2")]  # two problems gained, none lost
     assert "+0.0 (+0.0 to +0.0)" in rows[("SeqKD", "1")]
     assert "| 50.0 ± 35.4 |" in rows[("ours, mean ± sd", "2 seeds")]
+    # A reply that passes repeats one of its five word 4-grams here (0.2), the others none: the teacher's three of
+    # four make 0.15 on average.
+    assert rows[("teacher", "–")].endswith("| 100% | 0.15 | – | 2 |")  # then minutes of its evaluation
+    assert "Machine: x86_64, 2 cores, bf16 avx512_bf16" in table
     with pytest.raises(ValueError, match="same problems"):
         code.paired_with(evaluation([True, False], ("a", "b")), evaluation([True, False], ("a", "c")))
 
