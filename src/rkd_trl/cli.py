@@ -381,8 +381,8 @@ def main(argv=None):
         choices=["real", "code", "short", "chain"],
         default="real",
         help="real: SmolLM2 on real instructions; code: Qwen2.5-Coder-1.5B-Instruct into 0.5B-Instruct, judged by "
-        "running each model's code against dev problems' tests (needs `make models`; longer than real: the "
-        "1.5B teacher runs); short: 3-letter answers, 4 per prompt; chain: 8-letter answers built in 4 branching steps",
+        "running each model's code against dev problems' tests (needs `make models`; about 17 minutes on 2 CPU "
+        "cores with bf16 instructions); short: 3-letter answers, 4 per prompt; chain: 8-letter answers built in 4 branching steps",
     )
     demo.add_argument(
         "--steps", type=int, default=None, help="distillation optimizer steps (default: 20 real, 10 code, 300 synthetic)"
