@@ -19,7 +19,6 @@ steps at the recipe's learning rate change few verdicts; the demo shows the pipe
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -93,22 +92,17 @@ def run_code_demo(settings, models=None, problems=None, problem_file=None) -> di
     and `problems` / `problem_file` in place of the dev problems (the tests run it on tiny models)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from datasets import Dataset
-    from transformers.utils import logging as hf_logging
 
     from .. import ReverseKLDistillConfig, ReverseKLDistillTrainer
     from ..config import cpu_computes_bf16_natively
     from ..evaluation import code_eval
     from .instructions import user_turns
+    from .run import start_real_demo
 
     if settings.sft_steps is not None:
         raise ValueError("--sft-steps does not apply to --task code: its student is Qwen2.5-Coder-0.5B-Instruct "
                          "itself, not a pruned copy to initialise.")  # fmt: skip
-    hf_logging.set_verbosity_error()
-    started = time.perf_counter()
-    elapsed = lambda: f"[{time.perf_counter() - started:.0f} s]"  # noqa: E731
-    output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
+    output, elapsed = start_real_demo(settings)
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu or cpu_computes_bf16_natively()
     dtype = torch.bfloat16 if bf16 else torch.float32

