@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from .decoding import IncrementalDecoder, catch_up
-from .scoring import OutputHead, causal_lm, decoder_layers_name, final_hidden_states, forward_arguments
+from .scoring import (
+    OutputHead,
+    causal_lm,
+    decoder_layers_name,
+    final_hidden_states,
+    forward_arguments,
+    subset_per_layer_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -290,10 +297,8 @@ def float32_prefix_copy(lm) -> tuple[torch.nn.Module | None, str]:
     except Exception as error:  # a module holding something that cannot be copied (a lock, a compiled kernel)
         return None, f"it cannot be copied ({type(error).__name__}: {error})"
     del prefix.get_submodule(stack_name)[keep:]
-    for key, value in list(prefix.config.to_diff_dict().items()):
-        if isinstance(value, (list, tuple)) and len(value) == config.num_hidden_layers and key != "architectures":
-            setattr(prefix.config, key, type(value)(value[:keep]))
-    prefix.config.num_hidden_layers = keep
+    # In place: the copied layers hold this config object too.
+    subset_per_layer_config(prefix.config, config.num_hidden_layers, range(keep))
     return prefix.float().eval(), f"a float32 copy of its first {keep} decoder layers"
 
 
@@ -423,8 +428,7 @@ class _ForwardProbe:
                 raise ValueError(
                     f"{model_named}{self.where} cannot be scored: its forward over left-padded sequences (positions "
                     "from the attention mask, as `generate` gives them), or its output head on its final hidden "
-                    "states, raises "
-                    f"{type(error).__name__}: {error}"
+                    f"states, raises {type(error).__name__}: {error}"
                 ) from error
         # The same forward twice must give the same scores: the noise floor cannot tell a random forward (dropout
         # that ignores eval mode, non-deterministic kernels) from rounding, since its own forwards would be random too.
@@ -435,9 +439,8 @@ class _ForwardProbe:
         if not repeat <= scoring_tolerance(dtype):
             raise ValueError(
                 f"{model_named}{self.where} does not score deterministically: two plain forwards of the same tokens "
-                "in "
-                f"{_dtype_name(dtype)} give next-token distributions {_describe(repeat)} apart (expected error in a "
-                f"sampled token's log-probability at the worst position; at most {scoring_tolerance(dtype):.2g} "
+                f"in {_dtype_name(dtype)} give next-token distributions {_describe(repeat)} apart (expected error "
+                f"in a sampled token's log-probability at the worst position; at most {scoring_tolerance(dtype):.2g} "
                 "accepted). Its forward is random in eval mode: a dropout that ignores `model.eval()` (a "
                 "`F.dropout(..., training=True)` or a custom layer), or non-deterministic kernels "
                 "(`torch.use_deterministic_algorithms(True)` shows which). Rewards from such scores are noise."
@@ -449,9 +452,8 @@ class _ForwardProbe:
         if not self.accepts(self.head_discrepancy):
             raise ValueError(
                 f"{model_named}{self.where} cannot be scored from its hidden states: its output head applied to its "
-                "backbone's "
-                f"final hidden states differs from its own forward's logits (the expected error in a sampled token's "
-                f"log-probability at the worst position is {_describe(self.head_discrepancy)}), while "
+                f"backbone's final hidden states differs from its own forward's logits (the expected error in a "
+                f"sampled token's log-probability at the worst position is {_describe(self.head_discrepancy)}), while "
                 f"{self.noise.describe()}. Its forward computes the logits from more than the backbone output, which "
                 "the chunked losses cannot reproduce."
             )

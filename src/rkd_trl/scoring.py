@@ -66,13 +66,19 @@ def decoder_layers_name(model: torch.nn.Module) -> str:
     return outermost[0]
 
 
-def per_layer_config(config, num_layers: int, layers: list[int]):
-    """A copy of `config` for `layers`: `num_hidden_layers` and every per-layer list (e.g. `layer_types`) subset."""
-    config = copy.deepcopy(config)
+def subset_per_layer_config(config, num_layers: int, layers) -> None:
+    """`config` cut, in place, to the decoder `layers` (indices): `num_hidden_layers` and every per-layer list (e.g.
+    `layer_types`)."""
     for key, value in list(config.to_diff_dict().items()):
         if isinstance(value, (list, tuple)) and len(value) == num_layers and key != "architectures":
             setattr(config, key, type(value)(value[index] for index in layers))
     config.num_hidden_layers = len(layers)
+
+
+def per_layer_config(config, num_layers: int, layers: list[int]):
+    """A copy of `config` for `layers` (`subset_per_layer_config`)."""
+    config = copy.deepcopy(config)
+    subset_per_layer_config(config, num_layers, layers)
     return config
 
 
