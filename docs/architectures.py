@@ -27,9 +27,12 @@ def status(catalog, model_type: str) -> str:
     """What the start-up probe makes of the family (tests/test_architectures.py holds it to this)."""
     if model_type in catalog.REFUSED:
         return f"refused: {catalog.REFUSED[model_type].reason}"
+    notes = []
     if model_type in catalog.KEEPS_ENDED_ROWS:
-        return "supported, keeps finished rows in the batch"
-    return "supported"
+        notes.append("keeps finished rows in the batch")
+    if model_type in catalog.FEEDS_EVERY_TOKEN:
+        notes.append("fed every sampled token (no multi-token catch-up)")
+    return ", ".join(["supported", *notes])
 
 
 def releases(catalog, model_type: str) -> str:
@@ -51,7 +54,8 @@ def family_tables() -> str:
     specifiers = sorted(map(str, catalog.supported_transformers()), key=lambda spec: not spec.startswith(">"))
     rows = [
         f"transformers {', '.join(specifiers)} (setup.cfg): {len(families) - len(refused)} families supported "
-        f"({len(catalog.KEEPS_ENDED_ROWS)} of them keeping finished rows), {len(refused)} refused, "
+        f"({len(catalog.KEEPS_ENDED_ROWS)} of them keeping finished rows, {len(catalog.FEEDS_EVERY_TOKEN)} fed every "
+        f"sampled token), {len(refused)} refused, "
         f"{len(catalog.EXCLUDED)} excluded. The *releases* column says which supported releases ship a family: all, "
         f"or those from the one that added it ({len(catalog.ADDED)} families are newer than "
         f"{catalog.oldest_supported_transformers()}).",

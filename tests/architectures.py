@@ -322,7 +322,7 @@ ARCHITECTURES = {
 # that keeping the rows, fed padding, reproduces their forward.
 KEEPS_ENDED_ROWS = {"recurrent_gemma", "xlstm"}
 
-# Families whose teacher is fed every sampled token: the probe finds that a multi-token cached forward does not
+# Families fed every sampled token (as student or teacher): the probe finds that a multi-token cached forward does not
 # reproduce their plain forward (SSM and recurrent states updated by a chunked scan over several new tokens, which
 # differs from their token-by-token recurrence; OpenAI GPT has no cache and is fed its whole sequence at every call),
 # so teacher-mixed sampling cannot let them catch up (docs/algorithm.md).

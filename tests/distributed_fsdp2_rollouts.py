@@ -69,6 +69,7 @@ def record_rollouts(records):
         records.append({
             "decode_steps": rollout.completion_ids.size(1),
             "teacher_calls": rollout.teacher_calls,
+            "student_calls": rollout.student_calls,
             "all_gathers_in_decode": all_gathers["count"] - before,
             "teacher": parameter_layout(teacher),
             "student": parameter_layout(student),

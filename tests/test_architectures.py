@@ -109,8 +109,9 @@ def full_forward_logprobs(model, prompt_ids, prompt_mask, rollout):
 @pytest.mark.parametrize("alpha", [0.5, 0.0])
 def test_sampled_scores_equal_a_full_forward(family, alpha):
     """(b) The log-probs recorded while sampling (student, teacher, and the mixture drawn from) equal a full
-    forward's, with rows that end at different steps: dropped from the caches, or kept and fed padding. At α = 0 the
-    teacher scores the completions in one parallel forward instead of decoding."""
+    forward's, with rows that end at different steps: dropped from the caches, or kept and fed padding. At α = 0.5
+    each model catches up at its own steps (where the probe allows it); at α = 0 the teacher scores the completions
+    in one parallel forward instead of decoding."""
     model_type, student, teacher = family
     if model_type in REFUSED:
         pytest.skip("refused at start-up (test_start_up_probe)")
@@ -122,6 +123,7 @@ def test_sampled_scores_equal_a_full_forward(family, alpha):
             student, teacher, prompt_ids, prompt_mask, vocab_size=VOCAB_SIZE, max_new_tokens=6, alpha=alpha,
             eos_token_ids=EOS_TOKEN_IDS, pad_token_id=TOKENIZER.pad_token_id,
             drop_ended_rows=(drop_ended_rows, drop_ended_rows), teacher_catch_up=model_type not in FEEDS_EVERY_TOKEN,
+            student_catch_up=model_type not in FEEDS_EVERY_TOKEN,
         )  # fmt: skip
         student_logprobs = full_forward_logprobs(student, prompt_ids, prompt_mask, rollout)
         teacher_logprobs = full_forward_logprobs(teacher, prompt_ids, prompt_mask, rollout)
@@ -155,7 +157,7 @@ def test_two_training_steps(family, make_config):
     before = {name: parameter.detach().clone() for name, parameter in student.named_parameters()}
     trainer = build()
     assert trainer._drop_ended_rows == (model_type not in KEEPS_ENDED_ROWS,) * 2
-    assert trainer._teacher_catch_up is (model_type not in FEEDS_EVERY_TOKEN)
+    assert trainer._teacher_catch_up is trainer._student_catch_up is (model_type not in FEEDS_EVERY_TOKEN)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses))), losses

@@ -83,15 +83,23 @@ class FedPositions:
         self.calls += 1
 
 
+def calls_at_own_steps(own_columns: torch.Tensor, length: int) -> int:
+    """Forwards of a model fed lazily over a rollout of `length` columns: the prompt, one catch-up at each of its own
+    steps after the first column, and one at the end for the columns since its last step."""
+    columns = own_columns[1:length].nonzero().squeeze(1) + 1
+    last = int(columns.max()) if columns.numel() else 0
+    return 1 + columns.numel() + (last < length - 1)
+
+
 @pytest.mark.parametrize("catch_up", [True, False])
 def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(
     tokenizer, teacher, make_student, task, catch_up, monkeypatch
 ):
     """With half the vocabulary as EOS, rows end at different steps: they are dropped from both KV caches, the
     remaining rows' scores and the teacher's hidden states still equal a full forward, and each model reads every
-    prompt position and every sampled position but the last of each row exactly once. The student is fed token by
-    token; the teacher catches up at its own steps only (one forward per teacher step, plus the prompt and the end),
-    or, without catch-up, is fed every token as the student is."""
+    prompt position and every sampled position but the last of each row exactly once. Each model catches up at its
+    own steps only (one forward per step it draws, plus the prompt and the end), or, without catch-up, is fed every
+    token as it is drawn."""
     student = make_student().eval()
     V = len(tokenizer)
     eos_token_ids = [tokenizer.convert_tokens_to_ids(letter) for letter in task.letters[:3]] + [tokenizer.eos_token_id]
@@ -99,26 +107,28 @@ def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(
         name: FedPositions(language_model_backbone(model))
         for name, model in (("student", student), ("teacher", teacher))
     }
-    coins = []
-    monkeypatch.setattr(sampling, "teacher_steps", lambda *args: coins.append(teacher_steps(*args)) or coins[0])
-    torch.manual_seed(3)
+    # The teacher draws the first column, runs of several steps each, and the last (the student then catches up).
+    coins = torch.tensor([True, False, True, True, False, False, True, True])
+    monkeypatch.setattr(sampling, "teacher_steps", lambda *args: coins)
+    torch.manual_seed(10)  # rows end at columns the teacher drew and at columns the student drew
     prompts = ["q0", "q1 q2 q3", "q4", "q5", "q6 q7", "q2"]
     ids, mask, rollout = sample(
         student, teacher, tokenizer, prompts, 0.5, max_new_tokens=8, eos_token_ids=eos_token_ids,
-        teacher_catch_up=catch_up,
+        teacher_catch_up=catch_up, student_catch_up=catch_up,
     )  # fmt: skip
     lengths = rollout.completion_mask.sum(1)
-    assert lengths.unique().numel() > 2, lengths  # rows ended at several different steps
-    expected_fed = ids.numel() + int((lengths - 1).sum())
-    assert fed["student"].count == expected_fed
-    assert fed["teacher"].attended == int(mask.sum() + (lengths - 1).sum())
-    assert fed["teacher"].calls == rollout.teacher_calls
-    if catch_up:  # the prompt, one catch-up at each teacher step after the first column, and the rest at the end
-        teacher_columns = coins[0][1 : int(lengths.max())].nonzero().squeeze(1) + 1
-        last_teacher_column = int(teacher_columns.max()) if teacher_columns.numel() else 0
-        assert rollout.teacher_calls == 1 + teacher_columns.numel() + (last_teacher_column < lengths.max() - 1)
+    length = int(lengths.max())
+    assert lengths.unique().numel() > 2 and length > 4, lengths  # rows ended at several different steps
+    for name, model_fed in fed.items():
+        assert model_fed.attended == int(mask.sum() + (lengths - 1).sum()), name
+    assert fed["teacher"].calls == rollout.teacher_calls and fed["student"].calls == rollout.student_calls
+    if catch_up:
+        assert rollout.teacher_calls == calls_at_own_steps(coins, length)
+        assert rollout.student_calls == calls_at_own_steps(~coins, length)
     else:
-        assert fed["teacher"].count == expected_fed and rollout.teacher_calls == lengths.max()
+        expected_fed = ids.numel() + int((lengths - 1).sum())
+        assert fed["teacher"].count == fed["student"].count == expected_fed
+        assert rollout.teacher_calls == rollout.student_calls == length
 
     assert_scores_match_full_forward(student, teacher, ids, mask, rollout, 0.5, V)
     valid = rollout.completion_mask.bool()
@@ -195,6 +205,7 @@ def test_each_row_is_drawn_from_the_product_of_mixtures_by_exact_enumeration(tok
             rollout = sample_teacher_mixed(
                 student, teacher, ids, mask, vocab_size=V, max_new_tokens=length, alpha=alpha,
                 eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id, teacher_catch_up=catch_up,
+                student_catch_up=catch_up,
             )  # fmt: skip
             assert torch.equal(rollout.completion_ids, sequences)
             coins_probability = math.prod(alpha if coin else 1 - alpha for coin in pattern)

@@ -77,7 +77,9 @@ def gathered(modules: list, reshard: bool = True):
 def forget_forwards(model: torch.nn.Module) -> None:
     """Clear the per-iteration records FSDP2 keeps of a sharded model's forwards (the order of module calls, used to
     prefetch in the backward). A backward clears them; the teacher never runs one, so without this they would grow by
-    one entry per FSDP module and decoded token for the whole run. Also reshards every module of the model."""
+    one entry per FSDP module and decoded token for the whole run; the student's rollout forwards, whose number
+    differs between processes, would steer its next backward's prefetching. Also reshards every module of the
+    model."""
     modules = fsdp_modules(model)
     if modules:
         modules[0].reset_iter_state()  # on the root, the outermost FSDP module

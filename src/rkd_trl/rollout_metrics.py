@@ -1,5 +1,5 @@
 """What the trainer logs about each rollout (docs/logging.md): the rewards and the Monte-Carlo reverse KL, the
-importance weights, the teacher's forwards, the completions' lengths, truncation and repetition. Each value is over
+importance weights, the models' forwards, the completions' lengths, truncation and repetition. Each value is over
 every process: `gather` is the accelerator's."""
 
 import torch
@@ -28,6 +28,7 @@ def rollout_metrics(rollout, weights: torch.Tensor, eos_token_ids: list[int], ga
         "minillm/importance_weight_mean": (gather(masked_weights.sum()).sum() / tokens).item(),
         "minillm/importance_weight_max": gather(masked_weights.max()).max().item(),
         "rollout/teacher_calls": gather(torch.tensor(float(rollout.teacher_calls), device=mask.device)).mean().item(),
+        "rollout/student_calls": gather(torch.tensor(float(rollout.student_calls), device=mask.device)).mean().item(),
         "completions/mean_length": lengths.mean().item(),
         "completions/min_length": lengths.min().item(),
         "completions/max_length": lengths.max().item(),

@@ -2,12 +2,13 @@
 
 Sampling from the mixture keeps the student from drifting to strings the teacher finds unlikely (reward hacking)
 early in training; the per-token importance weight `q_θ/p̃` corrects the gradient (see `advantages.py`).
-With `α > 0` the decode loop runs both models one token at a time over their caches (`decoding.IncrementalDecoder`),
-so each sampled token costs one incremental forward of each model, and it records everything the loss needs: the
-teacher's log-prob and final hidden state at every position are the rewards' and the single-step term's teacher
-scores. With `α = 0` the teacher is not needed inside the loop: the student samples alone and the teacher scores all
-completion positions in one parallel forward afterwards, which is far cheaper for a large teacher. Rows that have
-ended are dropped from the batch, so they cost nothing while the others finish.
+With `α > 0` one coin per decode step picks the model that draws it, and each model runs over its KV cache
+(`decoding.IncrementalDecoder`) at its own steps only, catching up on the tokens drawn by the other in one cached
+forward: about `α·T` teacher forwards and `(1-α)·T` student forwards per rollout of `T` tokens. The rollout records
+everything the loss needs: the teacher's log-prob and final hidden state at every position are the rewards' and the
+single-step term's teacher scores. With `α = 0` the teacher is not needed inside the loop: the student samples alone
+and the teacher scores all completion positions in one parallel forward afterwards. Rows that have ended are dropped
+from the batch, so they cost nothing while the others finish.
 """
 
 import math
@@ -36,6 +37,7 @@ class Rollout:
     sampling_logprobs: torch.Tensor  # log p̃(y_t | y_<t, x): the distribution y_t was actually drawn from
     teacher_hidden: torch.Tensor | None  # teacher final hidden state that predicted y_t (None: no teacher scored)
     teacher_calls: int = 0  # teacher forwards in the rollout (prompt, catch-ups, final scoring)
+    student_calls: int = 0  # student forwards in the rollout (prompt, one per student step or catch-up, the end)
 
 
 def mix_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -127,10 +129,11 @@ def score_completions(
     return hidden, logprobs
 
 
-class _TeacherCatchUp:
-    """The teacher of a teacher-mixed rollout, fed lazily (`decoding.catch_up`): when a teacher step needs its
-    distribution it reads the tokens sampled since its last call in one cached forward, and once more after the loop,
-    so that it reads every position once and records the final hidden state that predicts each completion token.
+class _LazyModel:
+    """One model of a teacher-mixed rollout, fed lazily (`decoding.catch_up`): when a step needs its distribution it
+    reads the tokens sampled since its last call in one cached forward (and the teacher once more after the loop), so
+    that it reads every position once and, with `record_hidden`, records the final hidden state that predicts each
+    completion token.
 
     `rows` are the batch rows in its cache, `fed` the completion columns it has read, `logprobs` its next-token
     log-probs after them (one row per entry of `rows`), `calls` its forwards so far.
@@ -142,8 +145,10 @@ class _TeacherCatchUp:
         self.rows = torch.arange(prompt_ids.size(0), device=prompt_ids.device)
         self.fed = 0
         self.calls = 1
-        self.hidden = hidden.new_zeros(prompt_ids.size(0), max_new_tokens, hidden.size(-1))
-        self.hidden[:, 0] = hidden
+        self.hidden = None
+        if hidden is not None:
+            self.hidden = hidden.new_zeros(prompt_ids.size(0), max_new_tokens, hidden.size(-1))
+            self.hidden[:, 0] = hidden
 
     def catch_up(self, upto: int, completion_ids, completion_mask, active_rows, pad_token_id: int) -> None:
         """Read completion columns `fed .. upto-1`: `logprobs` then predicts column `upto` for `active_rows`."""
@@ -156,7 +161,8 @@ class _TeacherCatchUp:
         fed_rows, hidden, self.logprobs = catch_up(
             self.decoder, self.rows, self.fed, upto, completion_ids, completion_mask, active_rows, pad_token_id
         )
-        self.hidden[fed_rows, self.fed + 1 : upto + 1] = hidden
+        if self.hidden is not None:
+            self.hidden[fed_rows, self.fed + 1 : upto + 1] = hidden
         self.rows, self.fed = active_rows, upto
         self.calls += 1
 
@@ -190,17 +196,20 @@ def sample_teacher_mixed(
     top_p: float = 1.0,
     drop_ended_rows: tuple[bool, bool] = (True, True),
     teacher_catch_up: bool = True,
+    student_catch_up: bool = True,
 ) -> Rollout:
     """Sample completions token by token from `α·p + (1-α)·q` (then top-k / top-p if set).
 
     One coin per decode step, shared by the batch, picks the model that draws the step's tokens (the teacher with
     probability α): the coins are independent of everything before them, so each row's completion is drawn from
-    `Π_t (α·p_t + (1-α)·q_t)` exactly (docs/algorithm.md). The student runs at every step; the teacher only at its
-    own steps, where it catches up on the tokens since its last call in one cached forward (`teacher_catch_up`,
-    which `verify_scoring` checks per model; else it is fed every token as it is drawn). After the loop it scores the
-    remaining positions the same way, so it sees every position once and `log p` of every token comes from its
-    recorded hidden states. Top-k / top-p act on the mixture itself, which needs `p` at every step: the teacher is
-    then fed every token and the filtered mixture is drawn from directly.
+    `Π_t (α·p_t + (1-α)·q_t)` exactly (docs/algorithm.md). Each model runs at its own steps only: when a step needs
+    its distribution it catches up on the tokens since its last call in one cached forward (`teacher_catch_up`,
+    `student_catch_up`, which `verify_scoring` checks per model; a model that cannot is fed every token as it is
+    drawn). After the loop each scores the positions it has not read the same way, so it sees every position once:
+    `log p` of every token comes from the teacher's recorded hidden states, `log q` of a token the teacher drew from
+    the student's. With `α = 0` the student runs at every step and the teacher scores the completions in one forward
+    afterwards. Top-k / top-p act on the mixture itself, which needs `p` and `q` at every step: both models are then
+    fed every token and the filtered mixture is drawn from directly.
 
     The batch shrinks as rows end: a row that has produced EOS is not fed again (and is dropped from a model's cache
     where `drop_ended_rows` allows it, see `probe.verify_scoring`).
@@ -214,7 +223,7 @@ def sample_teacher_mixed(
             completions in one parallel forward afterwards.
         eos_token_ids: any of these ends a completion.
         drop_ended_rows: for (student, teacher), whether finished rows can be dropped from the model's cache.
-        teacher_catch_up: whether the teacher may be fed several tokens in one cached forward.
+        teacher_catch_up, student_catch_up: whether the model may be fed several tokens in one cached forward.
 
     Returns:
         A `Rollout` with `T ≤ max_new_tokens` columns (the loop stops once every row has ended).
@@ -225,6 +234,7 @@ def sample_teacher_mixed(
         raise ValueError("Teacher-mixed sampling (alpha > 0) needs the teacher in the decode loop; got teacher=None.")
     filtered = _filtered(top_k, top_p)
     teacher_every_step = filtered or not teacher_catch_up or alpha == 1.0
+    student_every_step = filtered or not student_catch_up or alpha == 0.0
     device = prompt_ids.device
     eos = torch.tensor(eos_token_ids, device=device)
     batch_size = prompt_ids.size(0)
@@ -233,46 +243,57 @@ def sample_teacher_mixed(
     student_scores = torch.zeros(batch_size, max_new_tokens, device=device)
     filtered_scores = torch.zeros(batch_size, max_new_tokens, device=device)  # log p̃ of a filtered draw
 
-    student_decoder = IncrementalDecoder(student, vocab_size, temperature, drop_ended_rows=drop_ended_rows[0])
-    _, student_logprobs = student_decoder.start(prompt_ids, prompt_mask)
-    student_nan = student_logprobs.isnan().any()
+    # The student records the hidden states that predict the tokens the teacher drew, where it skips those steps.
+    student_decoder = IncrementalDecoder(
+        student, vocab_size, temperature, record_hidden=not student_every_step, drop_ended_rows=drop_ended_rows[0]
+    )
+    student_state = _LazyModel(student_decoder, prompt_ids, prompt_mask, max_new_tokens)
+    student_nan = student_state.logprobs.isnan().any()
     teacher_nan = torch.zeros_like(student_nan)
     teacher_state = None
     if alpha > 0.0:
         teacher_decoder = IncrementalDecoder(
             teacher, vocab_size, temperature, record_hidden=True, drop_ended_rows=drop_ended_rows[1]
         )
-        teacher_state = _TeacherCatchUp(teacher_decoder, prompt_ids, prompt_mask, max_new_tokens)
-    rows = torch.arange(batch_size, device=device)  # batch rows still generating, in the decoders' order
-    coins = None if filtered else teacher_steps(max_new_tokens, alpha)
+        teacher_state = _LazyModel(teacher_decoder, prompt_ids, prompt_mask, max_new_tokens)
+    rows = torch.arange(batch_size, device=device)  # batch rows still generating, in order
+    coins = teacher_steps(max_new_tokens, 0.0 if filtered else alpha)  # filtered: every step draws the mixture
     for step in range(max_new_tokens):
         if alpha > 0.0 and (teacher_every_step or bool(coins[step])):
             teacher_state.catch_up(step, completion_ids, completion_mask, rows, pad_token_id)
             teacher_nan |= teacher_state.logprobs.isnan().any()
+        student_runs = student_every_step or not bool(coins[step])
+        if student_runs:
+            student_state.catch_up(step, completion_ids, completion_mask, rows, pad_token_id)
+            student_nan |= student_state.logprobs.isnan().any()
         if filtered:
-            teacher_logprobs = teacher_state.logprobs if alpha > 0.0 else student_logprobs
-            sampling_logprobs = _filter_logprobs(mix_logprobs(student_logprobs, teacher_logprobs, alpha), top_k, top_p)
+            teacher_logprobs = teacher_state.logprobs if alpha > 0.0 else student_state.logprobs
+            mixed = mix_logprobs(student_state.logprobs, teacher_logprobs, alpha)
+            sampling_logprobs = _filter_logprobs(mixed, top_k, top_p)
             tokens = sample_from_logprobs(sampling_logprobs)
             filtered_scores[rows, step] = sampling_logprobs.gather(1, tokens[:, None]).squeeze(1)
         else:
-            tokens = sample_from_logprobs(teacher_state.logprobs if bool(coins[step]) else student_logprobs)
+            tokens = sample_from_logprobs(teacher_state.logprobs if bool(coins[step]) else student_state.logprobs)
         completion_ids[rows, step] = tokens
         completion_mask[rows, step] = 1
-        student_scores[rows, step] = student_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        if student_runs:
+            student_scores[rows, step] = student_state.logprobs.gather(1, tokens[:, None]).squeeze(1)
         ended = torch.isin(tokens, eos)
         if step == max_new_tokens - 1 or bool(ended.all()):
             break
-        if bool(ended.any()):
-            keep = (~ended).nonzero().squeeze(1)
-            rows, tokens = rows[keep], tokens[keep]
-            student_decoder.keep_rows(keep)
-        # Feed the sampled token to the student: one incremental forward.
-        _, student_logprobs = student_decoder.step(tokens, pad_token_id)
-        student_nan |= student_logprobs.isnan().any()
+        rows = rows[~ended]
 
     length = step + 1
     completion_ids, completion_mask = completion_ids[:, :length], completion_mask[:, :length]
     student_scores = student_scores[:, :length]
+    last_column_rows = completion_mask[:, -1].nonzero().squeeze(1)  # rows that reached the last column
+    if not student_every_step:  # log q of the tokens the teacher drew, from the student's recorded hidden states
+        student_state.catch_up(length - 1, completion_ids, completion_mask, last_column_rows, pad_token_id)
+        skipped = completion_mask * coins[None, :length].to(device)
+        student_scores = student_scores + token_logprobs_from_hidden(
+            student, student_state.hidden[:, :length], completion_ids, skipped,
+            vocab_size=vocab_size, temperature=temperature,
+        )  # fmt: skip
     teacher_calls = 0
     if teacher is None:
         hidden, teacher_scores = None, torch.zeros_like(student_scores)
@@ -283,14 +304,13 @@ def sample_teacher_mixed(
         )  # fmt: skip
         teacher_calls = 1
     else:
-        last_column_rows = completion_mask[:, -1].nonzero().squeeze(1)  # rows that reached the last column
         teacher_state.catch_up(length - 1, completion_ids, completion_mask, last_column_rows, pad_token_id)
         hidden = teacher_state.hidden[:, :length] * completion_mask[..., None]
         teacher_scores = token_logprobs_from_hidden(
             teacher, hidden, completion_ids, completion_mask, vocab_size=vocab_size, temperature=temperature
         )
         teacher_calls = teacher_state.calls
-    nan_seen = torch.stack([student_nan, teacher_nan | teacher_scores.isnan().any()])
+    nan_seen = torch.stack([student_nan | student_scores.isnan().any(), teacher_nan | teacher_scores.isnan().any()])
     sampling_scores = (
         filtered_scores[:, :length] if filtered else mix_logprobs(student_scores, teacher_scores, alpha)
     ) * completion_mask
@@ -311,4 +331,5 @@ def sample_teacher_mixed(
         sampling_logprobs=sampling_scores,
         teacher_hidden=hidden,
         teacher_calls=teacher_calls,
+        student_calls=student_state.calls,
     )

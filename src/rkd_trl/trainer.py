@@ -225,8 +225,9 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
 
     def _verify_scoring(self) -> tuple[bool, bool]:
         """Start-up probe of both models (`probe.verify_scoring`): their hidden states, output heads and token-by-token
-        decoding reproduce their own forward, or the trainer refuses them. Returns, for (student, teacher), whether
-        finished rows can be dropped from the model's cache while sampling."""
+        decoding reproduce their own forward, or the trainer refuses them. Records whether each model can catch up on
+        several tokens in one cached forward, and returns, for (student, teacher), whether finished rows can be
+        dropped from the model's cache while sampling."""
         # Mixed precision runs each model's forward in autocast (accelerate wraps it) and the loss's output head in the
         # training step's autocast: the probe then compares at that precision.
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
@@ -238,13 +239,14 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                       verify_scoring(teacher, *teacher_vocab, "teacher", compute_dtype)]  # fmt: skip
         if self._cross_tokenizer_teacher is None:  # a teacher of another tokenizer is scored over all its rows
             check_teacher_mass_past_vocab(checks[1], self.vocab_size)
-        self._teacher_catch_up = checks[1].catch_up
-        if self.args.teacher_mix_alpha > 0 and not checks[1].catch_up:
-            logger.warning(
-                f"The teacher ({type(teacher).__name__}) cannot catch up on several tokens in one cached forward "
-                f"({checks[1].catch_up_error}): teacher-mixed sampling feeds it every sampled token instead, which "
-                "costs one teacher forward per token (docs/performance.md)."
-            )
+        self._student_catch_up, self._teacher_catch_up = checks[0].catch_up, checks[1].catch_up
+        for name, model, check in (("student", student, checks[0]), ("teacher", teacher, checks[1])):
+            if self.args.teacher_mix_alpha > 0 and not check.catch_up:
+                logger.warning(
+                    f"The {name} ({type(model).__name__}) cannot catch up on several tokens in one cached forward "
+                    f"({check.catch_up_error}): teacher-mixed sampling feeds it every sampled token instead, which "
+                    f"costs one {name} forward per token (docs/performance.md)."
+                )
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
 
     def _get_train_sampler(self, dataset=None):
@@ -294,6 +296,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 top_p=self.top_p,
                 drop_ended_rows=self._drop_ended_rows,
                 teacher_catch_up=self._teacher_catch_up,
+                student_catch_up=self._student_catch_up,
             )
             if mode == "train" and self.args.greedy_probe and self._greedy_probe.due(
                 self.state.global_step, self.args.logging_steps, self.state.max_steps, self.args.ppo_epochs
@@ -485,7 +488,10 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
     def _models_for_rollout(self):
         """`(student, teacher)` ready for token-by-token sampling: unwrapped by trl (ZeRO-3 gathers each model for the
         block); under FSDP2 every FSDP module of both models is gathered once for the block, so the decode loop
-        makes no collective call and processes may decode different numbers of steps."""
+        makes no collective call and processes may decode different numbers of steps. Afterwards FSDP2 forgets the
+        block's forwards of both models (`fsdp.forget_forwards`): their number differs between processes (the output
+        head runs on the hidden states of however many tokens the other model drew), and a backward that prefetched
+        by them would issue different collectives on each."""
         with (
             # trl 1.16's `unwrap_model_for_generation` (pinned) reads transformers' deprecated
             # `is_gradient_checkpointing` at every rollout: a warning addressed to trl, silenced for this block only.
@@ -502,4 +508,5 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
             gathered(fsdp_modules(teacher)),
         ):
             yield student, teacher
+        forget_forwards(self.model)
         forget_forwards(self.teacher_model)
