@@ -23,11 +23,13 @@ Runs are appended to the results JSON as they finish, so an interrupted grid res
 
     PYTHONPATH=src python benchmarks/code_quality.py --pair headline            # the grid (results: `results_name`)
     PYTHONPATH=src python benchmarks/code_quality.py --pair cpu --eval dev      # the CPU pair, on the dev problems
+    PYTHONPATH=src python benchmarks/code_quality.py --methods                  # the teacher and the student before
     PYTHONPATH=src python benchmarks/code_quality.py --smoke                    # the same code on tiny settings
 """
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
@@ -98,7 +100,6 @@ class Benchmark:
     def __init__(self, settings: Settings, work_dir: Path):
         import torch
 
-        from rkd_trl.demo.instructions import cached_teacher_answers
         from rkd_trl.demo.models import load_chunked_model
         from rkd_trl.evaluation.code_eval import load_code_instructions
 
@@ -111,8 +112,15 @@ class Benchmark:
         self.teacher, self.tokenizer = load_chunked_model(teacher_name, dtype=self.dtype)
         self.teacher.to(self.device)
         self.prompts = load_code_instructions()[: settings.train_prompts]
-        self.answers = cached_teacher_answers(self.teacher, self.tokenizer, self.prompts,
-                                              settings.answer_max_new_tokens, work_dir / "cache", batch_size=8)  # fmt: skip
+
+    @functools.cached_property
+    def answers(self) -> list[str]:
+        """The teacher's greedy answers to the training instructions, generated at first use (the pruned student's
+        SFT, the methods' data) and cached under the work dir: judging the teacher and the student before needs none."""
+        from rkd_trl.demo.instructions import cached_teacher_answers
+
+        return cached_teacher_answers(self.teacher, self.tokenizer, self.prompts, self.settings.answer_max_new_tokens,
+                                      self.work_dir / "cache", batch_size=8)  # fmt: skip
 
     @property
     def dtype(self):
@@ -351,7 +359,8 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the machine computes it natively, else fp32")  # fmt: skip
     parser.add_argument("--learning-rate", type=float, default=None, help="default: the pair's")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None, help="default: all")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=None,
+                        help="default: all; none (`--methods` alone): judge the teacher and the student before only")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 1 2")
     options = parser.parse_args(argv)
     settings = SMOKE if options.smoke else CPU if options.pair == "cpu" else Settings()

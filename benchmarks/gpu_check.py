@@ -10,10 +10,10 @@ tokenizer of Qwen2.5's vocabulary size (151,936 rows).
    the discrepancy of decoding and of the output head as multiples of it, and whether the multi-token catch-up is
    exact; then two `ReverseKLDistillTrainer` steps with `bf16=True` (finite loss, seconds).
 2. `rollout`: Qwen2 teacher and student, batch 8, 128 new tokens (random weights rarely end a row early): rollout
-   tokens per second of the student alone (α = 0, the teacher scoring afterwards in one forward), of α = 0.2 with the
-   teacher fed every token (the per-step path) and of α = 0.2 with the teacher catching up at its own steps (the
-   default), interleaved, medians of 3.
-3. `step`: optimizer steps of the defaults, α = 0, the defaults with the per-step teacher and
+   tokens per second of the student alone (α = 0, the teacher scoring afterwards in one forward), and at α = 0.2 with
+   both models fed every token (the per-step path), with the teacher alone catching up at its own steps, and with
+   both catching up (the default), interleaved, medians of 3.
+3. `step`: optimizer steps of the defaults, α = 0, the defaults with both models fed every token and
    `trl.DistillationTrainer` (β = 1) on the same models, interleaved (`benchmarks/speed.py`'s `StepRunner`), medians.
 
     PYTHONPATH=src python benchmarks/gpu_check.py --out $OUT/gpu_check.json   # on the GPU (about 5 minutes)
@@ -119,35 +119,40 @@ def probe_and_train(family: str, shapes: dict, tokenizer, dataset, output_dir: s
 
 
 def rollout_speed(teacher, student, tokenizer, dataset, batch_size: int, max_new_tokens: int, repeats: int) -> dict:
-    """Part 2: rollout tokens per second of the three sampling paths, interleaved, median of `repeats`."""
+    """Part 2: rollout tokens per second of the sampling paths, interleaved, median of `repeats`."""
     texts = [tokenizer.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=False)
              for row in dataset.select(range(batch_size))]  # fmt: skip
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_ids, prompt_mask = (t.to(device()) for t in left_pad(prompts, tokenizer.pad_token_id))
-    paths = {"α=0 (student alone)": (0.0, True), "α=0.2, teacher every token": (0.2, False),
-             "α=0.2, teacher catching up (default)": (0.2, True)}  # fmt: skip
+    # (α, the teacher catches up, the student catches up): each model fed every token is the path before the one-coin
+    # sampler, the teacher alone catching up the one before the student caught up too.
+    paths = {"α=0 (student alone)": (0.0, True, True), "α=0.2, both models every token": (0.2, False, False),
+             "α=0.2, teacher catching up": (0.2, True, False),
+             "α=0.2, both catching up (default)": (0.2, True, True)}  # fmt: skip
     seconds = {name: [] for name in paths}
     tokens = {name: [] for name in paths}
     calls = {name: [] for name in paths}
     for _ in range(repeats + 1):  # the first round warms up
-        for name, (alpha, catch_up) in paths.items():
+        for name, (alpha, teacher_catch_up, student_catch_up) in paths.items():
             synchronize()
             started = time.perf_counter()
             with torch.autocast(device().type, dtype=torch.bfloat16):  # the student's float32 weights, as in training
                 rollout = sample_teacher_mixed(
                     student, teacher, prompt_ids, prompt_mask, vocab_size=len(tokenizer), max_new_tokens=max_new_tokens,
                     alpha=alpha, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-                    teacher_catch_up=catch_up,
+                    teacher_catch_up=teacher_catch_up, student_catch_up=student_catch_up,
                 )  # fmt: skip
             synchronize()
             seconds[name].append(time.perf_counter() - started)
             tokens[name].append(int(rollout.completion_mask.sum()))
-            calls[name].append(rollout.teacher_calls)
+            calls[name].append((rollout.teacher_calls, rollout.student_calls))
     result = {}
     for name in paths:
         median = statistics.median(seconds[name][1:])
         result[name] = {"seconds": median, "tokens_per_second": statistics.median(tokens[name][1:]) / median,
-                        "teacher_calls": statistics.median(calls[name][1:])}  # fmt: skip
+                        "teacher_calls": statistics.median(c[0] for c in calls[name][1:]),
+                        "student_calls": statistics.median(c[1] for c in calls[name][1:]),
+                        "forwards": statistics.median(sum(c) for c in calls[name][1:])}  # fmt: skip
     base = result["α=0 (student alone)"]["seconds"]
     for name in paths:
         result[name]["over_student_alone"] = result[name]["seconds"] / base
@@ -162,8 +167,8 @@ def step_speed(teacher, student, tokenizer, dataset, batch_size: int, max_new_to
                               logging_steps=10, precision="bf16")  # fmt: skip
     per_step = build_trainers([ours], (teacher, student), tokenizer, dataset, batch_size, max_new_tokens,
                               logging_steps=10, precision="bf16")[ours]  # fmt: skip
-    per_step._teacher_catch_up = False  # the teacher fed every sampled token, as before the catch-up
-    trainers[f"{ours}, teacher every token"] = per_step
+    per_step._teacher_catch_up = per_step._student_catch_up = False  # each model fed every token, as before
+    trainers[f"{ours}, both models every token"] = per_step
     runners = {name: StepRunner(trainer) for name, trainer in trainers.items()}
     times = {name: [] for name in runners}
     for index in range(rounds + 1):  # the first round warms up

@@ -166,12 +166,12 @@ class StepRunner:
 
 
 class RolloutClock:
-    """Times our trainers' training rollouts (`sample_teacher_mixed`, not the greedy probe) and records the teacher's
+    """Times our trainers' training rollouts (`sample_teacher_mixed`, not the greedy probe) and records each model's
     forwards and the completion columns of each, for the trainer named `current`."""
 
     def __init__(self):
         self.current = None
-        self.seconds, self.teacher_calls, self.columns = {}, {}, {}
+        self.seconds, self.teacher_calls, self.student_calls, self.columns = {}, {}, {}, {}
         self.sample = rkd_trainer_module.sample_teacher_mixed
 
     def __enter__(self):
@@ -181,6 +181,7 @@ class RolloutClock:
             if teacher is not None and self.current is not None:  # the greedy probe samples the student alone
                 self.seconds.setdefault(self.current, []).append(time.perf_counter() - start)
                 self.teacher_calls.setdefault(self.current, []).append(rollout.teacher_calls)
+                self.student_calls.setdefault(self.current, []).append(rollout.student_calls)
                 self.columns.setdefault(self.current, []).append(rollout.completion_ids.size(1))
             return rollout
 
@@ -413,18 +414,21 @@ def distillation_ratios(medians: dict, names, setup: str) -> list[str]:
 
 
 def rollout_lines(clock: RolloutClock, alpha: float) -> list[str]:
-    """Median rollout seconds of our variants, the ratio of the defaults' to α = 0's, and the teacher's forwards
-    per rollout against α·T + 2 (its own steps, the prompt and the last catch-up) and T (one per token)."""
+    """Median rollout seconds of our variants, the ratio of the defaults' to α = 0's, and each model's forwards per
+    rollout against α·T + 2 and (1-α)·T + 2 (its own steps, the prompt and the last catch-up; the student alone at
+    α = 0: T, one per token)."""
     ours, alone = "ReverseKLDistillTrainer", "ReverseKLDistillTrainer α=0"
-    lines = ["| ours | median rollout s | teacher forwards per rollout | completion columns T | α·T + 2 |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| ours | median rollout s | teacher forwards per rollout | α·T + 2 | student forwards per rollout | "
+             "(1-α)·T + 2 | completion columns T |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, seconds in clock.seconds.items():
         if name.endswith("reuse"):
             continue
-        calls, columns = statistics.mean(clock.teacher_calls[name]), statistics.mean(clock.columns[name])
+        columns = statistics.mean(clock.columns[name])
+        teacher, student = (statistics.mean(calls[name]) for calls in (clock.teacher_calls, clock.student_calls))
         share = 0.0 if "α=0" in name else alpha
-        lines.append(f"| {name} | {statistics.median(seconds):.3f} | {calls:.1f} | {columns:.1f} | "
-                     f"{share * columns + 2:.1f} |")  # fmt: skip
+        student_expected = (1 - share) * columns + 2 if share else columns
+        lines.append(f"| {name} | {statistics.median(seconds):.3f} | {teacher:.1f} | {share * columns + 2:.1f} | "
+                     f"{student:.1f} | {student_expected:.1f} | {columns:.1f} |")  # fmt: skip
     ratio = statistics.median(clock.seconds[ours]) / statistics.median(clock.seconds[alone])
     lines += ["", f"Rollout time of the defaults (α = {alpha}) over α = 0: {ratio:.2f} (target ≤ {ROLLOUT_TARGET}).", ""]
     return lines

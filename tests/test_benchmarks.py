@@ -299,8 +299,8 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
 
 def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
     """benchmarks/gpu_check.py, the script a session lent a GPU runs once, on tiny shapes on the CPU: every family
-    passes the probe in bf16 with its margins recorded and trains two finite steps; the per-step teacher runs once
-    per sampled token, the default catches up in fewer forwards."""
+    passes the probe in bf16 with its margins recorded and trains two finite steps; a model fed every token runs once
+    per sampled token, one catching up in fewer forwards."""
     spec = importlib.util.spec_from_file_location("gpu_check", BENCHMARKS / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
@@ -312,5 +312,10 @@ def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
             assert 0 <= result[model]["decode_margin"] <= 4 and result[model]["catch_up"], (family, model)
     rollout = results["rollout"]
     assert rollout["α=0 (student alone)"]["teacher_calls"] == 1
-    assert rollout["α=0.2, teacher every token"]["teacher_calls"] == 8  # one per column: prompt + 7 fed tokens
-    assert 1 < rollout["α=0.2, teacher catching up (default)"]["teacher_calls"] < 8
+    every_token = rollout["α=0.2, both models every token"]
+    assert every_token["teacher_calls"] == every_token["student_calls"] == 8  # per column: prompt + 7 fed tokens
+    assert 1 < rollout["α=0.2, teacher catching up"]["teacher_calls"] < 8
+    assert rollout["α=0.2, teacher catching up"]["student_calls"] == 8
+    # Both catching up: each of the 7 columns after the first is fed by one model only, plus the two prompts and one
+    # model's catch-up after the loop.
+    assert rollout["α=0.2, both catching up (default)"]["forwards"] == 10
