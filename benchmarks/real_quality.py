@@ -21,6 +21,7 @@ Runs are appended to the results JSON as they finish, so an interrupted run resu
     PYTHONPATH=src python benchmarks/real_quality.py              # the full run (hours on 2 CPU cores)
     PYTHONPATH=src python benchmarks/real_quality.py --smoke      # minutes: the same code on tiny settings
     PYTHONPATH=src python benchmarks/real_quality.py --sft450     # ours and GKD JSD from a memorised SFT start
+    PYTHONPATH=src python benchmarks/real_quality.py --defaults-rerun  # the defaults before / after the LM loss share
     PYTHONPATH=src python docs/generated.py                       # re-render docs/benchmarks.md from the JSON
 """
 
@@ -45,9 +46,7 @@ STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
 SFT450_RESULTS = REPO / "docs" / "benchmarks" / "real_quality_sft450.json"
 LM_SHARE_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_share.json"
 LM_WEIGHT_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_weight.json"
-# The defaults since the LM loss runs on a quarter of the rows, on the test prompts at the benchmark's learning rate
-# and seeds (`--only "ours, LM loss on 1/4 of the rows" --seeds 1 2 3 --learning-rates 5e-05 --results ...`):
-# against the defaults before (the LM loss on every row, `ours` in RESULTS).
+# The defaults before and after `lm_loss_row_share=0.25`, on the test prompts (`--defaults-rerun`).
 DEFAULTS_RERUN_RESULTS = REPO / "docs" / "benchmarks" / "real_defaults_rerun.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
@@ -87,8 +86,10 @@ STUDY = {
 # The LM loss on a random quarter of each batch's rows (`--lm-share`): the defaults otherwise.
 LM_SHARE = "ours, LM loss on 1/4 of the rows"
 LM_EIGHTH = "ours, LM loss on 1/8 of the rows"
+LM_EVERY_ROW = "ours, LM loss on every row"  # the defaults before `lm_loss_row_share` became 0.25
 VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True},
-            LM_SHARE: {"lm_loss_row_share": 0.25}, LM_EIGHTH: {"lm_loss_row_share": 0.125}}  # fmt: skip
+            LM_SHARE: {"lm_loss_row_share": 0.25}, LM_EIGHTH: {"lm_loss_row_share": 0.125},
+            LM_EVERY_ROW: {"lm_loss_row_share": 1.0}}  # fmt: skip
 
 
 @dataclass
@@ -130,6 +131,10 @@ LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 
 # The LM loss on every row, on a share of them, or off (`--lm-weight`), the rest the defaults, on `dev`, three seeds.
 LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss", LM_SHARE, LM_EIGHTH],
                              seeds=[1, 2, 3])  # fmt: skip
+# The defaults since the LM loss runs on a quarter of the rows against the defaults before (`--defaults-rerun`), on
+# the test prompts, at the learning rate and seeds of the defaults' rows in RESULTS.
+DEFAULTS_RERUN_SETTINGS = Settings(learning_rates=[5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
+                                   ablations=False, methods=[LM_EVERY_ROW, LM_SHARE])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -299,10 +304,18 @@ def run_benchmark(settings: Settings, work_dir: Path, results_path: Path, only=N
 
 def runs_to_do(settings: Settings, done, only=None, seeds=None, learning_rates=None) -> list[tuple[str, float, int]]:
     """The runs of `settings` not in `done`, restricted to the methods `only`, the `seeds` and the `learning_rates`
-    given (None: all)."""
+    given (None: all). A method, seed or learning rate that the grid does not hold is an error, not an empty
+    selection."""
+    grid = runs(settings)
+    for asked, position, name in ((only, 0, "methods"), (learning_rates, 1, "learning rates"), (seeds, 2, "seeds")):
+        available = sorted({run[position] for run in grid}, key=str)
+        missing = [value for value in asked or () if value not in available]
+        if missing:
+            raise ValueError(f"The grid of these settings has no {name} {missing}: it has {available} (choose a "
+                             "preset such as --lm-share or --defaults-rerun that holds them).")
     return [
         (method, rate, seed)
-        for method, rate, seed in runs(settings)
+        for method, rate, seed in grid
         if (method, rate, seed) not in done
         and (not only or method in only)
         and (not seeds or seed in seeds)
@@ -462,18 +475,17 @@ def lm_loss_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def defaults_rerun_table(before: dict, rerun: dict, learning_rate: float = 5e-5) -> str:
-    """The defaults before (`ours`: the LM loss on every row) and after (`LM_SHARE`) on the same prompts, seeds and
-    learning rate: `method_table` of both, then per metric the difference of the means against the larger seed
-    standard deviation of the two (the seed spread)."""
-    runs = [r for r in before["runs"] if r["method"] == "ours" and r["learning_rate"] == learning_rate]
-    runs += [r for r in rerun["runs"] if r["method"] == LM_SHARE and r["learning_rate"] == learning_rate]
-    combined = {"teacher": rerun["teacher"], "SFT init": rerun["SFT init"], "runs": runs}
-    lines = [method_table(combined, ["ours", LM_SHARE], [learning_rate]),
+def defaults_rerun_table(rerun: dict, learning_rate: float = 5e-5) -> str:
+    """The defaults before (`LM_EVERY_ROW`) and after (`LM_SHARE`), from the same SFT student, on the same prompts,
+    seeds and learning rate: `method_table` of both, then per metric the difference of the means against the larger
+    seed standard deviation of the two (the seed spread)."""
+    methods = [LM_EVERY_ROW, LM_SHARE]
+    runs = [r for r in rerun["runs"] if r["learning_rate"] == learning_rate]
+    lines = [method_table(rerun, methods, [learning_rate]),
              "| metric | after − before | larger seed sd | within it |", "|---|---|---|---|"]  # fmt: skip
     for key, title, fmt in METRICS:
-        stats = {method: mean_std([r[key] for r in runs if r["method"] == method]) for method in (LM_SHARE, "ours")}
-        difference, spread = stats[LM_SHARE][0] - stats["ours"][0], max(stats[LM_SHARE][1], stats["ours"][1])
+        stats = {method: mean_std([r[key] for r in runs if r["method"] == method]) for method in methods}
+        difference, spread = stats[LM_SHARE][0] - stats[LM_EVERY_ROW][0], max(sd for _, sd in stats.values())
         lines.append(f"| {title} | {fmt.format(difference)} | {fmt.format(spread)} | "
                      f"{'yes' if abs(difference) <= spread else 'no'} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -493,7 +505,7 @@ def doc_blocks() -> dict[str, str]:
     settings = results["settings"]
     ablations = list(ABLATIONS) if settings["ablations"] else []
     if DEFAULTS_RERUN_RESULTS.exists():
-        blocks["real-defaults-rerun"] = defaults_rerun_table(results, json.loads(DEFAULTS_RERUN_RESULTS.read_text()))
+        blocks["real-defaults-rerun"] = defaults_rerun_table(json.loads(DEFAULTS_RERUN_RESULTS.read_text()))
     return blocks | {
         "real-speed": speed_table(results),
         "real-paired": paired_table(),
@@ -514,6 +526,9 @@ def main(argv=None):
                         help=f"the LM loss on a quarter of the rows against the defaults, on dev ({LM_SHARE_RESULTS.name})")
     parser.add_argument("--lm-weight", action="store_true",
                         help=f"the LM loss on every row, on a share of them, or off, on dev ({LM_WEIGHT_RESULTS.name})")
+    parser.add_argument("--defaults-rerun", action="store_true",
+                        help="the defaults before and after lm_loss_row_share=0.25, on test "
+                        f"({DEFAULTS_RERUN_RESULTS.name})")  # fmt: skip
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")
     parser.add_argument("--learning-rates", nargs="+", type=float, help="run only these learning rates")
@@ -526,7 +541,8 @@ def main(argv=None):
     presets = ((options.smoke, SMOKE, None), (options.study, STUDY_SETTINGS, STUDY_RESULTS),
                (options.sft450, SFT450_SETTINGS, SFT450_RESULTS),
                (options.lm_share, LM_SHARE_SETTINGS, LM_SHARE_RESULTS),
-               (options.lm_weight, LM_WEIGHT_SETTINGS, LM_WEIGHT_RESULTS))  # fmt: skip
+               (options.lm_weight, LM_WEIGHT_SETTINGS, LM_WEIGHT_RESULTS),
+               (options.defaults_rerun, DEFAULTS_RERUN_SETTINGS, DEFAULTS_RERUN_RESULTS))  # fmt: skip
     settings, default = next(((s, path) for chosen, s, path in presets if chosen), (Settings(), RESULTS))
     if options.all_rates_for_later_seeds:
         settings = replace(settings, later_seed_learning_rates=None)

@@ -162,6 +162,13 @@ def test_real_quality_runs_to_do_keep_only_the_runs_asked_for():
     assert {seed for _, _, seed in ours_at_5e5} == set(settings.seeds)
     assert real.runs_to_do(settings, set(ours_at_5e5[:1]), only=["ours"], seeds=[ours_at_5e5[0][2]],
                            learning_rates=[5e-5]) == []  # fmt: skip
+    # A method, seed or learning rate the grid does not hold is refused, not an empty selection (the defaults' rerun
+    # is a preset of its own: the plain grid has neither its methods nor its third seed).
+    for narrowed in ({"only": [real.LM_SHARE]}, {"seeds": [3]}, {"learning_rates": [1e-3]}):
+        with pytest.raises(ValueError, match="has no"):
+            real.runs_to_do(settings, set(), **narrowed)
+    rerun = real.runs_to_do(real.DEFAULTS_RERUN_SETTINGS, set(), only=[real.LM_SHARE], seeds=[3])
+    assert rerun == [(real.LM_SHARE, 5e-5, 3)]
 
 
 def test_prompt_scores_average_to_the_rouge_l_each_run_recorded():
