@@ -415,19 +415,20 @@ def distillation_ratios(medians: dict, names, setup: str) -> list[str]:
 
 def rollout_lines(clock: RolloutClock, alpha: float) -> list[str]:
     """Median rollout seconds of our variants, the ratio of the defaults' to α = 0's, and each model's forwards per
-    rollout against α·T + 2 and (1-α)·T + 2 (its own steps, the prompt and the last catch-up; the student alone at
-    α = 0: T, one per token)."""
+    rollout against their expectation α·T + 2(1-α) and (1-α)·T + 2α (the prompt, its own steps after the first
+    column, the last catch-up; at α = 0 one teacher forward and T student forwards)."""
     ours, alone = "ReverseKLDistillTrainer", "ReverseKLDistillTrainer α=0"
-    lines = ["| ours | median rollout s | teacher forwards per rollout | α·T + 2 | student forwards per rollout | "
-             "(1-α)·T + 2 | completion columns T |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| ours | median rollout s | teacher forwards per rollout | α·T + 2(1-α) | student forwards per rollout | "
+             "(1-α)·T + 2α | completion columns T |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, seconds in clock.seconds.items():
         if name.endswith("reuse"):
             continue
         columns = statistics.mean(clock.columns[name])
         teacher, student = (statistics.mean(calls[name]) for calls in (clock.teacher_calls, clock.student_calls))
         share = 0.0 if "α=0" in name else alpha
-        student_expected = (1 - share) * columns + 2 if share else columns
-        lines.append(f"| {name} | {statistics.median(seconds):.3f} | {teacher:.1f} | {share * columns + 2:.1f} | "
+        teacher_expected = share * columns + 2 * (1 - share) if share else 1
+        student_expected = (1 - share) * columns + 2 * share if share else columns
+        lines.append(f"| {name} | {statistics.median(seconds):.3f} | {teacher:.1f} | {teacher_expected:.1f} | "
                      f"{student:.1f} | {student_expected:.1f} | {columns:.1f} |")  # fmt: skip
     ratio = statistics.median(clock.seconds[ours]) / statistics.median(clock.seconds[alone])
     lines += ["", f"Rollout time of the defaults (α = {alpha}) over α = 0: {ratio:.2f} (target ≤ {ROLLOUT_TARGET}).", ""]

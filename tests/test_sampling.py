@@ -119,6 +119,9 @@ def test_rows_that_end_leave_the_batch_and_every_position_is_fed_once(
     lengths = rollout.completion_mask.sum(1)
     length = int(lengths.max())
     assert lengths.unique().numel() > 2 and length > 4, lengths  # rows ended at several different steps
+    # ... at columns each model drew, and the teacher drew the last column (the student catches up after the loop).
+    ended_at = {bool(coins[int(n) - 1]) for n in lengths[lengths < 8]}
+    assert ended_at == {True, False} and bool(coins[length - 1]), (lengths, coins)
     for name, model_fed in fed.items():
         assert model_fed.attended == int(mask.sum() + (lengths - 1).sum()), name
     assert fed["teacher"].calls == rollout.teacher_calls and fed["student"].calls == rollout.student_calls
@@ -231,6 +234,24 @@ def test_top_k_restricts_the_sampling_distribution(tokenizer, teacher, make_stud
     }
     if len(distinct) == 2:
         assert math.isclose(sum(math.exp(v) for v in distinct.values()), 1.0, rel_tol=1e-5)
+
+
+def test_filtered_sampling_records_the_scores_of_a_full_forward(tokenizer, teacher, make_student):
+    """Top-k / top-p feed both models every token; over several steps, with rows of different prompt lengths, the
+    recorded log q and log p equal a full forward's, and log p̃ is that of the filtered mixture (at most log 1)."""
+    student = make_student().eval()
+    torch.manual_seed(0)
+    ids, mask, rollout = sample(student, teacher, tokenizer, ["q0", "q1 q2 q3", "q4"], 0.3, max_new_tokens=5, top_k=3)
+    assert rollout.completion_ids.size(1) > 2 and rollout.student_calls == rollout.teacher_calls
+    V, valid = len(tokenizer), rollout.completion_mask.bool()
+    tokens = rollout.completion_ids[..., None]
+    for model, recorded in ((student, rollout.student_logprobs), (teacher, rollout.teacher_logprobs)):
+        expected = full_forward_logprobs(model, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+        torch.testing.assert_close(expected.gather(-1, tokens).squeeze(-1)[valid], recorded[valid], atol=1e-5, rtol=0)
+    q = full_forward_logprobs(student, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    p = full_forward_logprobs(teacher, ids, mask, rollout.completion_ids, rollout.completion_mask, V)
+    top3 = sampling._filter_logprobs(mix_logprobs(q, p, 0.3), 3, 1.0).gather(-1, tokens).squeeze(-1)
+    torch.testing.assert_close(top3[valid], rollout.sampling_logprobs[valid], atol=1e-5, rtol=0)
 
 
 def test_right_padded_prompts_are_rejected(tokenizer, teacher, make_student):

@@ -4,7 +4,8 @@ Sampling from the mixture keeps the student from drifting to strings the teacher
 early in training; the per-token importance weight `q_θ/p̃` corrects the gradient (see `advantages.py`).
 With `α > 0` one coin per decode step picks the model that draws it, and each model runs over its KV cache
 (`decoding.IncrementalDecoder`) at its own steps only, catching up on the tokens drawn by the other in one cached
-forward: about `α·T` teacher forwards and `(1-α)·T` student forwards per rollout of `T` tokens. The rollout records
+forward: about `α·T` teacher forwards and `(1-α)·T` student forwards per rollout of `T` tokens (`T + 2` in all,
+with the prompts and one catch-up after the loop). The rollout records
 everything the loss needs: the teacher's log-prob and final hidden state at every position are the rewards' and the
 single-step term's teacher scores. With `α = 0` the teacher is not needed inside the loop: the student samples alone
 and the teacher scores all completion positions in one parallel forward afterwards. Rows that have ended are dropped
@@ -12,6 +13,7 @@ from the batch, so they cost nothing while the others finish.
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,7 @@ class Rollout:
     sampling_logprobs: torch.Tensor  # log p̃(y_t | y_<t, x): the distribution y_t was actually drawn from
     teacher_hidden: torch.Tensor | None  # teacher final hidden state that predicted y_t (None: no teacher scored)
     teacher_calls: int = 0  # teacher forwards in the rollout (prompt, catch-ups, final scoring)
-    student_calls: int = 0  # student forwards in the rollout (prompt, one per student step or catch-up, the end)
+    student_calls: int = 0  # student forwards in the rollout (prompt, one at each of its steps, final catch-up)
 
 
 def mix_logprobs(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -131,9 +133,9 @@ def score_completions(
 
 class _LazyModel:
     """One model of a teacher-mixed rollout, fed lazily (`decoding.catch_up`): when a step needs its distribution it
-    reads the tokens sampled since its last call in one cached forward (and the teacher once more after the loop), so
-    that it reads every position once and, with `record_hidden`, records the final hidden state that predicts each
-    completion token.
+    reads the tokens sampled since its last call in one cached forward, and once more after the loop for the columns
+    it has not read, so that it reads every position once and, when its decoder has `record_hidden`, records the
+    final hidden state that predicts each completion token.
 
     `rows` are the batch rows in its cache, `fed` the completion columns it has read, `logprobs` its next-token
     log-probs after them (one row per entry of `rows`), `calls` its forwards so far.
@@ -197,6 +199,7 @@ def sample_teacher_mixed(
     drop_ended_rows: tuple[bool, bool] = (True, True),
     teacher_catch_up: bool = True,
     student_catch_up: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Rollout:
     """Sample completions token by token from `α·p + (1-α)·q` (then top-k / top-p if set).
 
@@ -223,7 +226,11 @@ def sample_teacher_mixed(
             completions in one parallel forward afterwards.
         eos_token_ids: any of these ends a completion.
         drop_ended_rows: for (student, teacher), whether finished rows can be dropped from the model's cache.
-        teacher_catch_up, student_catch_up: whether the model may be fed several tokens in one cached forward.
+        teacher_catch_up, student_catch_up: whether the model may be fed several tokens in one cached forward
+            (`probe.verify_scoring`'s `catch_up` for it).
+        autocast_dtype: the dtype the models' forwards compute in under mixed precision (accelerate's autocast;
+            None: none). The student's output head scores the tokens the teacher drew under the same autocast, as
+            its forward scores the tokens it drew itself.
 
     Returns:
         A `Rollout` with `T ≤ max_new_tokens` columns (the loop stops once every row has ended).
@@ -290,10 +297,12 @@ def sample_teacher_mixed(
     if not student_every_step:  # log q of the tokens the teacher drew, from the student's recorded hidden states
         student_state.catch_up(length - 1, completion_ids, completion_mask, last_column_rows, pad_token_id)
         skipped = completion_mask * coins[None, :length].to(device)
-        student_scores = student_scores + token_logprobs_from_hidden(
-            student, student_state.hidden[:, :length], completion_ids, skipped,
-            vocab_size=vocab_size, temperature=temperature,
-        )  # fmt: skip
+        precision = nullcontext() if autocast_dtype is None else torch.autocast(device.type, dtype=autocast_dtype)
+        with precision:
+            student_scores = student_scores + token_logprobs_from_hidden(
+                student, student_state.hidden[:, :length], completion_ids, skipped,
+                vocab_size=vocab_size, temperature=temperature,
+            )  # fmt: skip
     teacher_calls = 0
     if teacher is None:
         hidden, teacher_scores = None, torch.zeros_like(student_scores)

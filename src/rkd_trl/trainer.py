@@ -230,7 +230,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
         dropped from the model's cache while sampling."""
         # Mixed precision runs each model's forward in autocast (accelerate wraps it) and the loss's output head in the
         # training step's autocast: the probe then compares at that precision.
-        compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
+        compute_dtype = self._autocast_dtype
         with self._models_for_rollout() as (student, teacher):
             pad_token_id = self._tokenizer.pad_token_id
             cross = self._cross_tokenizer_teacher
@@ -248,6 +248,11 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                     f"costs one {name} forward per token (docs/performance.md)."
                 )
         return checks[0].drop_ended_rows, checks[1].drop_ended_rows
+
+    @property
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """The dtype of mixed precision's autocast (bf16 / fp16), None without it."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
 
     def _get_train_sampler(self, dataset=None):
         # Each generation batch is served `gradient_accumulation_steps × ppo_epochs` times: once per micro-batch of
@@ -297,6 +302,7 @@ class ReverseKLDistillTrainer(ReliableTrainingMixin, DistillationTrainer):
                 drop_ended_rows=self._drop_ended_rows,
                 teacher_catch_up=self._teacher_catch_up,
                 student_catch_up=self._student_catch_up,
+                autocast_dtype=self._autocast_dtype,
             )
             if mode == "train" and self.args.greedy_probe and self._greedy_probe.due(
                 self.state.global_step, self.args.logging_steps, self.state.max_steps, self.args.ppo_epochs

@@ -48,6 +48,7 @@ def sample_with_scores(student, teacher, tokenizer, prompts, max_new_tokens, alp
         vocab_size=vocab_size,
         drop_ended_rows=(checks[0].drop_ended_rows, checks[1].drop_ended_rows),
         teacher_catch_up=checks[1].catch_up,
+        student_catch_up=checks[0].catch_up,
         max_new_tokens=max_new_tokens,
         alpha=alpha,
         eos_token_ids=[tokenizer.eos_token_id],
