@@ -86,10 +86,11 @@ STUDY = {
 # The LM loss on a random quarter of each batch's rows (`--lm-share`): the defaults otherwise.
 LM_SHARE = "ours, LM loss on 1/4 of the rows"
 LM_EIGHTH = "ours, LM loss on 1/8 of the rows"
+LM_HALF = "ours, LM loss on 1/2 of the rows"
 LM_EVERY_ROW = "ours, LM loss on every row"  # the defaults before `lm_loss_row_share` became 0.25
 VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True},
             LM_SHARE: {"lm_loss_row_share": 0.25}, LM_EIGHTH: {"lm_loss_row_share": 0.125},
-            LM_EVERY_ROW: {"lm_loss_row_share": 1.0}}  # fmt: skip
+            LM_HALF: {"lm_loss_row_share": 0.5}, LM_EVERY_ROW: {"lm_loss_row_share": 1.0}}  # fmt: skip
 
 
 @dataclass
@@ -134,7 +135,7 @@ LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM lo
 # The defaults since the LM loss runs on a quarter of the rows against the defaults before (`--defaults-rerun`), on
 # the test prompts, at the learning rate and seeds of the defaults' rows in RESULTS.
 DEFAULTS_RERUN_SETTINGS = Settings(learning_rates=[5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
-                                   ablations=False, methods=[LM_EVERY_ROW, LM_SHARE])  # fmt: skip
+                                   ablations=False, methods=[LM_EVERY_ROW, LM_SHARE, LM_HALF])  # fmt: skip
 STUDY_SETTINGS = Settings(eval_split="dev", steps=40, learning_rates=[5e-5], ablation_learning_rate=1.5e-5, seeds=[1],
                           later_seed_learning_rates=None, ablations=False, methods=list(STUDY))  # fmt: skip
 
@@ -476,18 +477,24 @@ def lm_loss_table(results: dict) -> str:
 
 
 def defaults_rerun_table(rerun: dict, learning_rate: float = 5e-5) -> str:
-    """The defaults before (`LM_EVERY_ROW`) and after (`LM_SHARE`), from the same SFT student, on the same prompts,
-    seeds and learning rate: `method_table` of both, then per metric the difference of the means against the larger
-    seed standard deviation of the two (the seed spread)."""
-    methods = [LM_EVERY_ROW, LM_SHARE]
+    """The defaults before (`LM_EVERY_ROW`) and the LM loss on a share of the rows, from the same SFT student, on the
+    same prompts, seeds and learning rate: `method_table` of each, then per metric and share the difference of the
+    means to the defaults before, against the larger seed standard deviation of the two (the seed spread)."""
     runs = [r for r in rerun["runs"] if r["learning_rate"] == learning_rate]
+    methods = [m for m in rerun["settings"]["methods"] if any(r["method"] == m for r in runs)]
+    shares = [m for m in methods if m != LM_EVERY_ROW]
+    stats = {(m, key): mean_std([r[key] for r in runs if r["method"] == m]) for m in methods for key, _, _ in METRICS}
     lines = [method_table(rerun, methods, [learning_rate]),
-             "| metric | after − before | larger seed sd | within it |", "|---|---|---|---|"]  # fmt: skip
+             "| metric | " + " | ".join(f"{m.removeprefix('ours, ')}: − every row (larger seed sd)" for m in shares)
+             + " |", "|---|" + "---|" * len(shares)]  # fmt: skip
     for key, title, fmt in METRICS:
-        stats = {method: mean_std([r[key] for r in runs if r["method"] == method]) for method in methods}
-        difference, spread = stats[LM_SHARE][0] - stats[LM_EVERY_ROW][0], max(sd for _, sd in stats.values())
-        lines.append(f"| {title} | {fmt.format(difference)} | {fmt.format(spread)} | "
-                     f"{'yes' if abs(difference) <= spread else 'no'} |")  # fmt: skip
+        cells = []
+        for share in shares:
+            difference = stats[share, key][0] - stats[LM_EVERY_ROW, key][0]
+            spread = max(stats[share, key][1], stats[LM_EVERY_ROW, key][1])
+            beyond = " **beyond**" if abs(difference) > spread else ""
+            cells.append(f"{fmt.format(difference)} ({fmt.format(spread)}){beyond}")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -136,14 +136,15 @@ def test_real_quality_results_take_new_methods_but_no_other_settings(tmp_path):
 
 def test_committed_real_results_can_be_extended_by_their_presets():
     """Each committed results file was run with the settings its command line uses today (`--study`, `--sft450`,
-    `--lm-share`, `--lm-weight`, none), so rerunning that command adds to it instead of being refused; changing a default that shapes the runs
+    `--lm-share`, `--lm-weight`, `--defaults-rerun`, none), so rerunning that command adds to it instead of being refused; changing a default that shapes the runs
     shows here first."""
     spec = importlib.util.spec_from_file_location("real_quality", BENCHMARKS / "real_quality.py")
     real = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(real)
     for path, settings in ((real.RESULTS, real.Settings()), (real.STUDY_RESULTS, real.STUDY_SETTINGS),
                            (real.SFT450_RESULTS, real.SFT450_SETTINGS), (real.LM_SHARE_RESULTS, real.LM_SHARE_SETTINGS),
-                           (real.LM_WEIGHT_RESULTS, real.LM_WEIGHT_SETTINGS)):  # fmt: skip
+                           (real.LM_WEIGHT_RESULTS, real.LM_WEIGHT_SETTINGS),
+                           (real.DEFAULTS_RERUN_RESULTS, real.DEFAULTS_RERUN_SETTINGS)):  # fmt: skip
         saved = json.loads(path.read_text())["settings"]
         assert real.same_grid(saved, real.asdict(settings)), path.name
     assert real.sft_student_path(real.SFT450_SETTINGS, Path(".")) != real.sft_student_path(real.Settings(), Path("."))
