@@ -86,10 +86,11 @@ class ReverseKLDistillConfig(DistillationConfig):
             Share of each micro-batch's LM-loss rows (reference completions or `lm_dataset` texts) the LM loss is
             computed on: `ceil(share × rows)` rows drawn at random, their token losses scaled by rows / drawn, so that
             the loss is an unbiased estimate of the one over every row at a fraction of its forward and backward.
-            `0.25` (the default): on the real SmolLM2 pair, three seeds, the same Rouge-L, repetition and share of
-            answers ending as every row, at 0.95x trl.DistillationTrainer's step instead of 1.48x (bf16,
-            docs/performance.md); without the LM loss the answers repeated more (docs/benchmarks.md). `1.0`: every
-            row.
+            `0.25` (the default): on the real SmolLM2 pair's dev prompts, three seeds, the same Rouge-L, repetition
+            and share of answers ending as every row, at 0.88x trl.DistillationTrainer's step instead of 1.20x
+            (bf16, docs/performance.md); on its test prompts it repeated more and ended fewer answers than every row,
+            where `0.5` did not (0.94x; docs/benchmarks.md). Without the LM loss the answers repeated more. `1.0`:
+            every row.
         degeneration_guard (`bool`, *optional*, defaults to `True`):
             The trainer adds a `DegenerationGuard` callback (unless `callbacks` holds one): it warns once per signal
             when the repeated 4-grams or the truncation of the rollouts or of the greedy answers rise well above their
