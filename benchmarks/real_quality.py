@@ -130,7 +130,7 @@ SFT450_SETTINGS = Settings(sft_steps=450, learning_rates=[5e-6, 5e-5], seeds=[1,
 LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 2], later_seed_learning_rates=None,
                              ablations=False, methods=["ours", LM_SHARE])  # fmt: skip
 # The LM loss on every row, on a share of them, or off (`--lm-weight`), the rest the defaults, on `dev`, three seeds.
-LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss", LM_SHARE, LM_EIGHTH],
+LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss", LM_SHARE, LM_EIGHTH, LM_HALF],
                              seeds=[1, 2, 3])  # fmt: skip
 # The defaults since the LM loss runs on a quarter of the rows against the defaults before (`--defaults-rerun`), on
 # the test prompts, at the learning rate and seeds of the defaults' rows in RESULTS.
