@@ -58,8 +58,8 @@ class Settings:
     student_layers: list[int] | None = None  # `cpu`: the layers the student keeps (None: the whole student model)
     sft_steps: int = 0  # `cpu`: SFT steps of the pruned student on the teacher's answers
     sft_learning_rate: float = 1e-4
-    # First n instructions (None: all 290). 120: the 30 steps of 4 see each once, and the teacher's answers to them
-    # (SeqKD's data, the LM loss's, GKD's) cost the 1.5B about 2.4 times less CPU than answers to all 290.
+    # First n instructions (None: all 290). 120: the 30 steps of 4 see each once, and the 1.5B writes 120 answers
+    # (SeqKD's data, the LM loss's, GKD's) before the first run instead of 290.
     train_prompts: int | None = 120
     answer_max_new_tokens: int = 512  # the teacher's greedy answers (SeqKD data, the LM loss, GKD's dataset); at 256 only
     # 20% of the 0.5B's answers ended (it explains its code at length), and only answers that end are trained on

@@ -59,12 +59,6 @@ class IncrementalDecoder:
         return (hidden[:, -1] if hidden is not None else None), logprobs
 
     @torch.no_grad()
-    def step(self, tokens: torch.Tensor, pad_token_id: int):
-        """Feed one token per active row (`[b]`); returns `(hidden [b, H] or None, logprobs [b, V])`."""
-        hidden, logprobs = self.feed(tokens[:, None], pad_token_id)
-        return (hidden[:, -1] if hidden is not None else None), logprobs
-
-    @torch.no_grad()
     def feed(self, tokens: torch.Tensor, pad_token_id: int, mask: torch.Tensor | None = None):
         """Feed `k` tokens per active row (`[b, k]`) in one cached forward, as assisted generation verifies a draft:
         returns `(hidden [b, k, H] or None, logprobs [b, V])`, the final hidden states at the `k` positions (each
@@ -134,10 +128,10 @@ def catch_up(decoder: IncrementalDecoder, rows, fed: int, upto: int, completion_
     """Feed completion columns `fed .. upto-1` of the batch `rows` held in `decoder` (a model that last read column
     `fed - 1`, or the prompt), so that it predicts column `upto` for `active_rows`, the rows still generating there.
 
-    One column is one `step` of the rows still generating (those that ended are dropped first, as in token-by-token
-    decoding); several are one cached multi-token forward (`IncrementalDecoder.feed`) of every row in the cache,
-    where a position whose prediction no row needs (at or after its row's end) is masked out, and rows that ended on
-    the way are dropped after it.
+    One column is a one-token `feed` of the rows still generating (those that ended are dropped first, as in
+    token-by-token decoding); several are one cached multi-token forward (`IncrementalDecoder.feed`) of every row in
+    the cache, where a position whose prediction no row needs (at or after its row's end) is masked out, and rows
+    that ended on the way are dropped after it.
 
     Args:
         rows: `[b]` batch indices of the decoder's rows, in its order (ascending); `active_rows` a subset of them.

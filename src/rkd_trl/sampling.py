@@ -13,7 +13,6 @@ from the batch, so they cost nothing while the others finish.
 """
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from .decoding import IncrementalDecoder, catch_up
+from .probe import compute_precision
 from .scoring import OutputHead, final_hidden_states
 
 
@@ -297,8 +297,7 @@ def sample_teacher_mixed(
     if not student_every_step:  # log q of the tokens the teacher drew, from the student's recorded hidden states
         student_state.catch_up(length - 1, completion_ids, completion_mask, last_column_rows, pad_token_id)
         skipped = completion_mask * coins[None, :length].to(device)
-        precision = nullcontext() if autocast_dtype is None else torch.autocast(device.type, dtype=autocast_dtype)
-        with precision:
+        with compute_precision(student, autocast_dtype):
             student_scores = student_scores + token_logprobs_from_hidden(
                 student, student_state.hidden[:, :length], completion_ids, skipped,
                 vocab_size=vocab_size, temperature=temperature,
