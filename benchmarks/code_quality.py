@@ -237,6 +237,25 @@ def results_name(settings: Settings) -> str:
     return f"code_quality-{settings.pair}-{settings.eval}-lr{settings.learning_rate:g}-{settings.precision}.json"
 
 
+EVALUATION_KEYS = ("eval", "eval_problems", "eval_max_new_tokens", "eval_batch_size", "precision")
+
+
+def judged_elsewhere(settings: Settings, folder: Path) -> dict | None:
+    """The evaluation of the student before, when it is a whole model (no pruning) that another grid's results in
+    `folder` judged as its teacher with the same evaluation settings and precision: greedy decoding makes it the same
+    figure, so it is taken from there (marked with `judged_in`) rather than paid twice (18 min for the 0.5B on
+    HumanEval on 2 cores)."""
+    if settings.student_layers is not None:
+        return None
+    student = PAIRS[settings.pair][1]
+    for path in sorted(folder.glob("code_quality-*.json")):
+        other = json.loads(path.read_text())
+        same = all(other.get("settings", {}).get(key) == getattr(settings, key) for key in EVALUATION_KEYS)
+        if same and PAIRS.get(other["settings"].get("pair"), ("",))[0] == student and "teacher" in other:
+            return {**other["teacher"], "judged_in": f"{path.name}: teacher"}
+    return None
+
+
 def run_grid(settings: Settings, work_dir: Path, results_path: Path, log=print) -> dict:
     """Every missing (method, seed) of `settings`, appended to `results_path` as it finishes."""
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -249,6 +268,8 @@ def run_grid(settings: Settings, work_dir: Path, results_path: Path, log=print) 
 
     if machine() not in results.setdefault("machines", []):
         results["machines"].append(machine())
+    if "student before" not in results and (reused := judged_elsewhere(settings, results_path.parent)):
+        results["student before"] = reused  # the same model, precision and evaluation: not judged twice
     bench = Benchmark(settings, work_dir)
     for name in ("teacher", "student before"):
         if name not in results:
@@ -336,6 +357,9 @@ def grid_table(results: dict) -> str:
             lines.append(f"| {method}, mean ± sd | {len(scores)} seeds | {statistics.fmean(scores):.1f} ± "
                          f"{statistics.stdev(scores):.1f} | | | | | | |")  # fmt: skip
     lines.append("")
+    if before is not None and "judged_in" in before:
+        lines.append(f"The student before is the evaluation of {before['judged_in']} (the same model, precision and "
+                     "evaluation settings). ")  # fmt: skip
     for m in results.get("machines", []):
         lines.append(f"Machine: {m['cpu']}, {m['cores']} cores, bf16 {' '.join(m['bf16_flags']) or 'emulated (no flags)'}; "
                      f"torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}. ")  # fmt: skip

@@ -305,6 +305,26 @@ def test_code_quality_table_pairs_each_run_with_the_student_before_problem_by_pr
         code.paired_with(evaluation([True, False], ("a", "b")), evaluation([True, False], ("a", "c")))
 
 
+def test_code_quality_takes_the_student_before_from_a_grid_that_judged_it_as_teacher_the_same_way(tmp_path):
+    """The headline pair's student (the whole 0.5B) is the CPU pair's teacher: judged with the same evaluation and
+    precision, its record is taken from that file (saying so); another evaluation setting, or a pruned student, is
+    judged anew."""
+    code = load_code_quality_benchmark()
+    teacher = {"pass@1": 0.5, "interval": [0.25, 0.75], "ended": 1.0, "eval_seconds": 60.0, "problems": []}
+    cpu = code.asdict(code.replace(code.CPU, precision="bf16"))
+    cpu_results = tmp_path / "code_quality-cpu-humaneval-lr5e-05-bf16.json"
+    cpu_results.write_text(json.dumps({"settings": cpu, "teacher": teacher}))
+    headline = code.replace(code.Settings(), precision="bf16")
+    reused = code.judged_elsewhere(headline, tmp_path)
+    assert reused == {**teacher, "judged_in": "code_quality-cpu-humaneval-lr5e-05-bf16.json: teacher"}
+    assert code.judged_elsewhere(code.replace(headline, eval_max_new_tokens=256), tmp_path) is None
+    assert code.judged_elsewhere(code.replace(headline, precision="fp32"), tmp_path) is None
+    assert code.judged_elsewhere(code.replace(headline, eval="dev"), tmp_path) is None
+    assert code.judged_elsewhere(code.replace(code.CPU, precision="bf16"), tmp_path) is None  # a pruned student
+    table = code.grid_table({"settings": code.asdict(headline), "teacher": teacher, "student before": reused})
+    assert "The student before is the evaluation of code_quality-cpu-humaneval-lr5e-05-bf16.json: teacher" in table
+
+
 def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
     """benchmarks/gpu_check.py, the script a session lent a GPU runs once, on tiny shapes on the CPU: every family
     passes the probe in bf16 with its margins recorded and trains two finite steps; a model fed every token runs once
