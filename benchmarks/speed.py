@@ -90,9 +90,9 @@ def common_args(batch_size: int, logging_steps: int, precision: str) -> dict:
     return args
 
 
-# Our variants: the defaults (α = 0.2, the LM loss on a quarter of the rows), α = 0 (the student samples alone and
+# Our variants: the defaults (α = 0.2, the LM loss on half of the rows), α = 0 (the student samples alone and
 # the teacher scores the completions in one forward), without the LM loss (α = 0 and no LM loss: the same work as
-# DistillationTrainer), the defaults with rollout reuse, and the LM loss on every row, half or an eighth of them.
+# DistillationTrainer), the defaults with rollout reuse, and the LM loss on every row, a quarter or an eighth of them.
 # Every variant keeps the single-step term and length normalisation.
 OURS = {
     "ReverseKLDistillTrainer": {},
@@ -101,7 +101,7 @@ OURS = {
     "ReverseKLDistillTrainer α=0, no LM loss": {"teacher_mix_alpha": 0.0, "lm_loss_weight": 0.0},
     "ReverseKLDistillTrainer reuse": {"ppo_epochs": 4},
     "ReverseKLDistillTrainer LM loss on every row": {"lm_loss_row_share": 1.0},  # `--lm-share` only
-    "ReverseKLDistillTrainer LM loss on 1/2 of the rows": {"lm_loss_row_share": 0.5},  # `--lm-share` only
+    "ReverseKLDistillTrainer LM loss on 1/4 of the rows": {"lm_loss_row_share": 0.25},  # `--lm-share` only
     "ReverseKLDistillTrainer LM loss on 1/8 of the rows": {"lm_loss_row_share": 0.125},  # `--lm-share` only
 }
 
@@ -377,9 +377,9 @@ def header(description: str, options) -> list[str]:
             f"{options.warmup} warm-up steps per trainer, then {options.rounds} interleaved rounds."
         ),
         (
-            "ReverseKLDistillTrainer: its defaults (teacher_mix_alpha=0.2, the LM loss on a quarter of the rows of "
-            "reference completions, the greedy probe every 20 steps); `LM loss on every row` / `on 1/2` / `on 1/8 of "
-            "the rows`: lm_loss_row_share 1 / 0.5 / 0.125; `no LM loss`: lm_loss_weight=0 (the same work as "
+            "ReverseKLDistillTrainer: its defaults (teacher_mix_alpha=0.2, the LM loss on half of the rows of "
+            "reference completions, the greedy probe every 20 steps); `LM loss on every row` / `on 1/4` / `on 1/8 of "
+            "the rows`: lm_loss_row_share 1 / 0.25 / 0.125; `no LM loss`: lm_loss_weight=0 (the same work as "
             "DistillationTrainer plus teacher mixing); `α=0`: teacher_mix_alpha=0 (the student samples alone, the "
             "teacher scores the completions in one forward); `α=0, no LM loss`: both; `reuse`: the defaults with "
             "ppo_epochs=4 (time per optimizer step averaged over the 4 steps of one rollout). GKDTrainer: lmbda=1, "
@@ -528,7 +528,7 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 as the configs resolve it on this machine (users' default)")  # fmt: skip
     parser.add_argument("--lm-share", action="store_true",
-                        help="only the defaults, the LM loss on every row, half and 1/8 of them, no LM loss and "
+                        help="only the defaults, the LM loss on every row, 1/4 and 1/8 of them, no LM loss and "
                         "DistillationTrainer, at logging_steps 10 (section speed-lm-share)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DOCS)
     options = parser.parse_args(argv)
@@ -550,7 +550,7 @@ def main(argv=None):
     # (max_new_tokens, logging_steps): users log every 1-10 steps; the scaling to twice the length at 10.
     runs = [(low, 10), (low, 1)] + ([] if options.real else [(high, 10)])
     if options.lm_share:
-        names = [ours, f"{ours} LM loss on every row", f"{ours} LM loss on 1/2 of the rows",
+        names = [ours, f"{ours} LM loss on every row", f"{ours} LM loss on 1/4 of the rows",
                  f"{ours} LM loss on 1/8 of the rows", f"{ours} no LM loss", "DistillationTrainer"]  # fmt: skip
         runs = [(low, 10)]
     for max_new_tokens, logging_steps in runs:

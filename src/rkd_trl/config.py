@@ -82,15 +82,15 @@ class ReverseKLDistillConfig(DistillationConfig):
             pre-training loss `L_PT`). `None`: 1.0 when the trainer has such text, else off with a warning (on real
             models the on-policy reverse KL alone drives students into repetition loops, docs/benchmarks.md).
             `0.0` disables it.
-        lm_loss_row_share (`float`, *optional*, defaults to `0.25`):
+        lm_loss_row_share (`float`, *optional*, defaults to `0.5`):
             Share of each micro-batch's LM-loss rows (reference completions or `lm_dataset` texts) the LM loss is
             computed on: `ceil(share × rows)` rows drawn at random, their token losses scaled by rows / drawn, so that
             the loss is an unbiased estimate of the one over every row at a fraction of its forward and backward.
-            `0.25` (the default): on the real SmolLM2 pair's dev prompts, three seeds, the same Rouge-L, repetition
-            and share of answers ending as every row, at 0.88x trl.DistillationTrainer's step instead of 1.20x
-            (bf16, docs/performance.md); on its test prompts it repeated more and ended fewer answers than every row,
-            where `0.5` did not (0.94x; docs/benchmarks.md). Without the LM loss the answers repeated more. `1.0`:
-            every row.
+            `0.5` (the default): on the real SmolLM2 pair, three seeds each on its test and dev prompts, the same
+            Rouge-L, repetition and share of answers ending as every row, at 0.94x trl.DistillationTrainer's step
+            instead of 1.20x (bf16, docs/performance.md). `0.25` was as good on dev but on test repeated more and
+            ended fewer answers than every row (docs/benchmarks.md). Without the LM loss the answers repeated more.
+            `1.0`: every row.
         degeneration_guard (`bool`, *optional*, defaults to `True`):
             The trainer adds a `DegenerationGuard` callback (unless `callbacks` holds one): it warns once per signal
             when the repeated 4-grams or the truncation of the rollouts or of the greedy answers rise well above their
@@ -196,7 +196,7 @@ class ReverseKLDistillConfig(DistillationConfig):
                   "there is such text, else off (with a warning). 0 = off."},
     )
     lm_loss_row_share: float = field(
-        default=0.25,
+        default=0.5,
         metadata={"help": "Share of each micro-batch's LM-loss rows the LM loss runs on, drawn at random and scaled "
                   "to an unbiased estimate of the loss over every row. 1 = every row."},
     )
