@@ -325,6 +325,26 @@ def test_code_quality_takes_the_student_before_from_a_grid_that_judged_it_as_tea
     assert "The student before is the evaluation of code_quality-cpu-humaneval-lr5e-05-bf16.json: teacher" in table
 
 
+def test_rollout_time_times_both_alphas_on_the_same_prompts_and_splits_each_rollout(tmp_path):
+    """benchmarks/rollout_time.py on tiny shapes: per round both α on the same prompts; α = 0 runs the teacher once,
+    α = 0.2 feeds each column to one model (T + 2 forwards in all); the backbones' time lies inside the rollout's;
+    the section it writes holds a table per length."""
+    spec = importlib.util.spec_from_file_location("rollout_time", BENCHMARKS / "rollout_time.py")
+    rollout_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rollout_time)
+    output = tmp_path / "performance.md"
+    results = rollout_time.main(["--rounds", "2", "--max-new-tokens", "5", "9", "--vocab-size", "512", "--output",
+                                 str(output)])  # fmt: skip
+    for length, records in results.items():
+        assert [len(rows) for rows in records.values()] == [2, 2]
+        for seconds, teacher_s, student_s, teacher_calls, student_calls, columns in records[0.2]:
+            assert teacher_calls + student_calls == columns + 2 and teacher_calls >= 2 and columns <= length
+            assert 0 < teacher_s and 0 < student_s and teacher_s + student_s < seconds
+        assert all(row[3] == 1 and row[4] == row[5] for row in records[0.0])  # the student fed every column
+    text = output.read_text()
+    assert "<!-- rollout-time:begin -->" in text and text.count("Rollout at α = 0.2 over α = 0:") == 2
+
+
 def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
     """benchmarks/gpu_check.py, the script a session lent a GPU runs once, on tiny shapes on the CPU: every family
     passes the probe in bf16 with its margins recorded and trains two finite steps; a model fed every token runs once
