@@ -67,8 +67,9 @@ def prompt_batches(tokenizer, dataset, batch_size: int, count: int):
 
 
 def time_rollouts(teacher, student, tokenizer, batches, max_new_tokens: int, bf16: bool) -> dict:
-    """(`bf16`: the models' forwards already run under autocast, see `main`.) Per α: a list of `(seconds, teacher backbone s, student backbone s, teacher calls, student calls, columns)`,
-    one per batch, the two α interleaved (the first batch warms up and is left out)."""
+    """Per α: a list of `(seconds, teacher backbone s, student backbone s, teacher calls, student calls, columns)`,
+    one per batch, the two α interleaved (the first batch warms up and is left out). With `bf16` the models' forwards
+    already run under autocast (`main`)."""
     from rkd_trl.sampling import sample_teacher_mixed
 
     records = {alpha: [] for alpha in ALPHAS}
@@ -108,8 +109,9 @@ def rollout_table(records: dict, max_new_tokens: int) -> list[str]:
                      f"{median(2):.3f} | {rest:.3f} | {median(3):.1f} | {median(4):.1f} | {median(5):.0f} |")  # fmt: skip
     mixed, alone = (statistics.median(row[0] for row in records[alpha]) for alpha in ALPHAS)
     paired = [a[0] / b[0] for a, b in zip(records[ALPHAS[0]], records[ALPHAS[1]], strict=True)]
+    quartiles = " – ".join(f"{q:.2f}" for q in statistics.quantiles(paired, n=4)) if len(paired) > 1 else "–"
     lines += ["", f"Rollout at α = 0.2 over α = 0: {mixed / alone:.2f} (ratio of medians; median of the per-round "
-              f"ratios {statistics.median(paired):.2f}, quartiles {' – '.join(f'{q:.2f}' for q in statistics.quantiles(paired, n=4)) if len(paired) > 1 else '–'}; target ≤ 1.15).", ""]  # fmt: skip
+              f"ratios {statistics.median(paired):.2f}, quartiles {quartiles}; target ≤ 1.15).", ""]  # fmt: skip
     return lines
 
 
@@ -128,6 +130,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="auto: bf16 where the machine computes it natively, as the configs resolve it")  # fmt: skip
+    parser.add_argument("--teacher-bf16", action="store_true",
+                        help="the teacher in bfloat16 weights (as a user loads a frozen teacher) instead of float32 "
+                        "weights cast by autocast at every forward")  # fmt: skip
     parser.add_argument("--output", type=Path, default=DOCS)
     options = parser.parse_args(argv)
     lengths = options.max_new_tokens or ([32] if options.real else [64, 128])
@@ -142,12 +147,15 @@ def main(argv=None) -> dict:
     bf16 = options.precision == "bf16" or (
         options.precision == "auto" and (torch.cuda.is_available() or cpu_computes_bf16_natively())
     )
+    if options.teacher_bf16:
+        teacher.to(torch.bfloat16)
     if bf16:  # as accelerate prepares a model for mixed precision: its forward runs under autocast, the rest not
         for model in (teacher, student):
             model.forward = torch.autocast(model.device.type, dtype=torch.bfloat16)(model.forward)
     out = [
         f"{description.split('; max_new_tokens')[0]}; batch {options.batch_size}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s); bf16 autocast {'on' if bf16 else 'off'} (precision {options.precision}). "
+        f"{torch.get_num_threads()} thread(s); bf16 autocast {'on' if bf16 else 'off'} (precision {options.precision}); "
+        f"the teacher's weights in {'bfloat16' if options.teacher_bf16 else 'float32'}. "
         "`sampling.sample_teacher_mixed` alone, as the trainer calls it: each round draws the same prompts with the "
         "same seed at α = 0.2 and α = 0, one after the other; the first round warms up. Teacher / student backbone: "
         "time inside each model's backbone forward (forward hooks); rest: sampling, the output heads, bookkeeping.",
@@ -161,7 +169,8 @@ def main(argv=None) -> dict:
         section = rollout_table(records, max_new_tokens)
         print("\n".join(section), flush=True)
         out += section
-    write_section(options.output, "rollout-time-real" if options.real else "rollout-time", "\n".join(out).rstrip())
+    section = ("rollout-time-real" if options.real else "rollout-time") + ("-teacher-bf16" if options.teacher_bf16 else "")
+    write_section(options.output, section, "\n".join(out).rstrip())
     return results
 
 

@@ -343,6 +343,10 @@ def test_rollout_time_times_both_alphas_on_the_same_prompts_and_splits_each_roll
         assert all(row[3] == 1 and row[4] == row[5] for row in records[0.0])  # the student fed every column
     text = output.read_text()
     assert "<!-- rollout-time:begin -->" in text and text.count("Rollout at α = 0.2 over α = 0:") == 2
+    rollout_time.main(["--rounds", "1", "--max-new-tokens", "4", "--vocab-size", "512", "--teacher-bf16", "--output",
+                       str(output)])  # fmt: skip
+    text = output.read_text()
+    assert "<!-- rollout-time-teacher-bf16:begin -->" in text and "the teacher's weights in bfloat16" in text
 
 
 def test_gpu_check_runs_its_parts_on_tiny_shapes(tmp_path):
