@@ -46,7 +46,7 @@ STUDY_RESULTS = REPO / "docs" / "benchmarks" / "real_study.json"
 SFT450_RESULTS = REPO / "docs" / "benchmarks" / "real_quality_sft450.json"
 LM_SHARE_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_share.json"
 LM_WEIGHT_RESULTS = REPO / "docs" / "benchmarks" / "real_lm_weight.json"
-# The defaults before and after `lm_loss_row_share=0.25`, on the test prompts (`--defaults-rerun`).
+# The LM loss on every row against a quarter and half of the rows, on the test prompts (`--defaults-rerun`).
 DEFAULTS_RERUN_RESULTS = REPO / "docs" / "benchmarks" / "real_defaults_rerun.json"
 
 BASELINES = ["SeqKD", "GKD β=1", "GKD JSD", "DistillationTrainer β=1"]
@@ -87,7 +87,7 @@ STUDY = {
 LM_SHARE = "ours, LM loss on 1/4 of the rows"
 LM_EIGHTH = "ours, LM loss on 1/8 of the rows"
 LM_HALF = "ours, LM loss on 1/2 of the rows"
-LM_EVERY_ROW = "ours, LM loss on every row"  # the defaults before `lm_loss_row_share` became 0.25
+LM_EVERY_ROW = "ours, LM loss on every row"  # the defaults before `lm_loss_row_share` (now 0.5)
 VARIANTS = {**ABLATIONS, **WHITENED_ABLATIONS, **STUDY, WHITENED: {"whiten_advantages": True},
             LM_SHARE: {"lm_loss_row_share": 0.25}, LM_EIGHTH: {"lm_loss_row_share": 0.125},
             LM_HALF: {"lm_loss_row_share": 0.5}, LM_EVERY_ROW: {"lm_loss_row_share": 1.0}}  # fmt: skip
@@ -132,7 +132,7 @@ LM_SHARE_SETTINGS = Settings(eval_split="dev", learning_rates=[5e-5], seeds=[1, 
 # The LM loss on every row, on a share of them, or off (`--lm-weight`), the rest the defaults, on `dev`, three seeds.
 LM_WEIGHT_SETTINGS = replace(LM_SHARE_SETTINGS, methods=["ours", "ours w/o LM loss", LM_SHARE, LM_EIGHTH, LM_HALF],
                              seeds=[1, 2, 3])  # fmt: skip
-# The defaults since the LM loss runs on a quarter of the rows against the defaults before (`--defaults-rerun`), on
+# The LM loss on a quarter and on half of the rows against every row, the defaults before (`--defaults-rerun`), on
 # the test prompts, at the learning rate and seeds of the defaults' rows in RESULTS.
 DEFAULTS_RERUN_SETTINGS = Settings(learning_rates=[5e-5], seeds=[1, 2, 3], later_seed_learning_rates=None,
                                    ablations=False, methods=[LM_EVERY_ROW, LM_SHARE, LM_HALF])  # fmt: skip
@@ -534,7 +534,7 @@ def main(argv=None):
     parser.add_argument("--lm-weight", action="store_true",
                         help=f"the LM loss on every row, on a share of them, or off, on dev ({LM_WEIGHT_RESULTS.name})")
     parser.add_argument("--defaults-rerun", action="store_true",
-                        help="the defaults before and after lm_loss_row_share=0.25, on test "
+                        help="the LM loss on every row, a quarter and half of the rows, on test "
                         f"({DEFAULTS_RERUN_RESULTS.name})")  # fmt: skip
     parser.add_argument("--only", nargs="+", help="run only these methods (e.g. one share of the grid per process)")
     parser.add_argument("--seeds", nargs="+", type=int, help="run only these seeds (another way to share the grid)")

@@ -29,10 +29,10 @@ ALPHAS = (0.2, 0.0)
 
 @contextlib.contextmanager
 def backbone_clock(models: dict):
-    """Seconds spent in each model's backbone forward (`{name: [seconds]}`, reset by the caller), by forward hooks."""
+    """Seconds spent in each model's backbone forward (`{name: seconds}`, reset by the caller), by forward hooks."""
     from rkd_trl.scoring import language_model_backbone
 
-    spent = {name: [0.0] for name in models}
+    spent = dict.fromkeys(models, 0.0)
     started = {}
     handles = []
     for name, model in models.items():
@@ -42,7 +42,7 @@ def backbone_clock(models: dict):
             started[name] = time.perf_counter()
 
         def post(module, args, kwargs, output, name=name):
-            spent[name][0] += time.perf_counter() - started.pop(name)
+            spent[name] += time.perf_counter() - started.pop(name)
 
         handles += [backbone.register_forward_pre_hook(pre, with_kwargs=True),
                     backbone.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
@@ -66,10 +66,10 @@ def prompt_batches(tokenizer, dataset, batch_size: int, count: int):
     return batches
 
 
-def time_rollouts(teacher, student, tokenizer, batches, max_new_tokens: int, bf16: bool) -> dict:
+def time_rollouts(teacher, student, tokenizer, batches, max_new_tokens: int, autocast_dtype) -> dict:
     """Per α: a list of `(seconds, teacher backbone s, student backbone s, teacher calls, student calls, columns)`,
-    one per batch, the two α interleaved (the first batch warms up and is left out). With `bf16` the models' forwards
-    already run under autocast (`main`)."""
+    one per batch, the two α interleaved (the first batch warms up and is left out). `autocast_dtype`: the dtype the
+    models' forwards run in under autocast (`main` wraps them), None without it."""
     from rkd_trl.sampling import sample_teacher_mixed
 
     records = {alpha: [] for alpha in ALPHAS}
@@ -77,16 +77,16 @@ def time_rollouts(teacher, student, tokenizer, batches, max_new_tokens: int, bf1
         for index, (prompt_ids, prompt_mask) in enumerate(batches):
             for alpha in ALPHAS:
                 torch.manual_seed(index)
-                spent["teacher"][0] = spent["student"][0] = 0.0
+                spent["teacher"] = spent["student"] = 0.0
                 started = time.perf_counter()
                 rollout = sample_teacher_mixed(
                     student, teacher, prompt_ids, prompt_mask, vocab_size=student.config.vocab_size,
                     max_new_tokens=max_new_tokens, alpha=alpha, eos_token_ids=[tokenizer.eos_token_id],
-                    pad_token_id=tokenizer.pad_token_id, autocast_dtype=torch.bfloat16 if bf16 else None,
+                    pad_token_id=tokenizer.pad_token_id, autocast_dtype=autocast_dtype,
                 )  # fmt: skip
                 seconds = time.perf_counter() - started
                 if index:
-                    records[alpha].append((seconds, spent["teacher"][0], spent["student"][0], rollout.teacher_calls,
+                    records[alpha].append((seconds, spent["teacher"], spent["student"], rollout.teacher_calls,
                                            rollout.student_calls, rollout.completion_ids.size(1)))  # fmt: skip
     return records
 
@@ -117,9 +117,8 @@ def rollout_table(records: dict, max_new_tokens: int) -> list[str]:
 
 def main(argv=None) -> dict:
     import speed
+    from code_quality import resolve_precision
     from transformers.utils import logging as hf_logging
-
-    from rkd_trl.config import cpu_computes_bf16_natively
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", action="store_true", help="the real SmolLM2 pair of speed.py --real")
@@ -144,12 +143,12 @@ def main(argv=None) -> dict:
     tokenizer, (teacher, student), dataset, description = (speed.real_setup if options.real else speed.tiny_setup)(
         options
     )
-    bf16 = options.precision == "bf16" or (
-        options.precision == "auto" and (torch.cuda.is_available() or cpu_computes_bf16_natively())
-    )
+    bf16 = resolve_precision(options.precision) == "bf16"
     if options.teacher_bf16:
         teacher.to(torch.bfloat16)
-    if bf16:  # as accelerate prepares a model for mixed precision: its forward runs under autocast, the rest not
+    # As accelerate prepares a model for mixed precision: its forward runs under autocast, the rest not (accelerate
+    # also converts the outputs to float32: the decoder reads one position's logits in float32 either way).
+    if bf16:
         for model in (teacher, student):
             model.forward = torch.autocast(model.device.type, dtype=torch.bfloat16)(model.forward)
     out = [
@@ -164,7 +163,7 @@ def main(argv=None) -> dict:
     results = {}
     batches = prompt_batches(tokenizer, dataset, options.batch_size, options.rounds + 1)
     for max_new_tokens in lengths:
-        records = time_rollouts(teacher, student, tokenizer, batches, max_new_tokens, bf16)
+        records = time_rollouts(teacher, student, tokenizer, batches, max_new_tokens, torch.bfloat16 if bf16 else None)
         results[max_new_tokens] = records
         section = rollout_table(records, max_new_tokens)
         print("\n".join(section), flush=True)
